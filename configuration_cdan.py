@@ -1,0 +1,217 @@
+"""CDAN model configuration.
+
+CDAN (Cross-modal Discrepancy Attention Network; Chen, Huang & Tan, J. Guangdong Univ. Tech. 42(1):70-78, 2025)
+generates a chest X-ray findings report from one or more views of a study. The configuration follows the layout of
+`transformers`' encoder-decoder configurations (BART, VisionEncoderDecoder): the visual extractor, the reverse-attention
+module, the CDAN encoder and the report decoder are described by flat fields, and generation defaults (beam size,
+maximum length) live in `generation_config.json`, not here.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+CHEXPERT_OBSERVATIONS = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+"""The 14 CheXpert observations classified by the reverse-attention module (Irvin et al., AAAI 2019)."""
+
+ABLATIONS = {
+    "BASE": {"use_reverse_attention": False, "use_semantic_consistency": False},
+    "+RA": {"use_reverse_attention": True, "use_semantic_consistency": False},
+    "+SC": {"use_reverse_attention": False, "use_semantic_consistency": True},
+    "+RA+SC": {"use_reverse_attention": True, "use_semantic_consistency": True},
+}
+"""The rows of the paper's ablation table (Table 2), as configuration switches."""
+
+
+@strict
+class CdanConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CdanForConditionalGeneration`] model. The defaults give the paper's model: a ResNet-101
+    visual extractor at 224 px over two views, the reverse-attention module with top-3 disease words, a 3-layer
+    encoder and a 3-layer decoder of width 512 with 8 heads, and the ClinicalBERT-sized (768) semantic-consistency
+    projection.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 764):
+            Size of the word-level report vocabulary (special tokens included). 764 is the R2Gen IU X-Ray
+            vocabulary: 759 words, `<unk>`, `<pad>`, `<bos>` and `<eos>`.
+        visual_extractor (`str`, *optional*, defaults to `"resnet101"`):
+            Name of any `timm` CNN. Patch features are taken from its last feature map.
+        visual_extractor_weights (`str`, *optional*):
+            Local file (`.safetensors`, `.pth`, `.bin`) with ImageNet weights for the visual extractor, used by
+            [`CdanForConditionalGeneration.from_backbone_pretrained`] instead of downloading them from the Hub.
+        visual_extractor_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model` (for example `{"drop_path_rate": 0.1}`).
+        image_size (`int`, *optional*, defaults to 224):
+            Side of the square input image.
+        num_views (`int`, *optional*, defaults to 2):
+            Views per study: 2 for IU X-Ray (frontal and lateral), 1 for MIMIC-CXR. Patch features of all views
+            are stacked along the token axis, as in R2Gen.
+        use_reverse_attention (`bool`, *optional*, defaults to `True`):
+            Use the reverse-attention module (Eq. 5-16). Without it the patch features go straight to the encoder
+            and there is no disease classifier (the paper's BASE and +SC rows).
+        reverse_attention_heads (`int`, *optional*, defaults to 8):
+            Heads of the positive, negative and discrepancy attentions.
+        renormalize_negative_attention (`bool`, *optional*, defaults to `True`):
+            The negative weights `1 - softmax(QK^T/sqrt(d))` sum to `N - 1` over the `N` keys. When `True` they are
+            divided by `N - 1` so each row is a distribution and `u_n` stays on the scale of `u_p`; when `False`
+            they are used as the paper writes them.
+        num_observations (`int`, *optional*, defaults to 14):
+            Number of disease observations classified from `u_pn` (the 14 CheXpert observations).
+        disease_top_k (`int`, *optional*, defaults to 3):
+            How many of the most probable observations are embedded as disease words `u_k`.
+        use_semantic_consistency (`bool`, *optional*, defaults to `True`):
+            Add the training-only projection of pooled `u_s` onto the text encoder's embedding space (the paper's
+            semantic-consistency term). It never runs during generation.
+        semantic_dim (`int`, *optional*, defaults to 768):
+            Width of the frozen text encoder's embedding: 768 for ClinicalBERT, 384 for all-MiniLM-L6-v2.
+        d_model (`int`, *optional*, defaults to 512):
+            Width of the encoder and decoder layers.
+        encoder_layers (`int`, *optional*, defaults to 3):
+            Number of CDAN encoder layers.
+        encoder_attention_heads (`int`, *optional*, defaults to 8):
+            Heads in each encoder self-attention.
+        encoder_ffn_dim (`int`, *optional*, defaults to 2048):
+            Inner width of each encoder feed-forward block.
+        decoder_layers (`int`, *optional*, defaults to 3):
+            Number of report decoder layers.
+        decoder_attention_heads (`int`, *optional*, defaults to 8):
+            Heads in each decoder self- and cross-attention.
+        decoder_ffn_dim (`int`, *optional*, defaults to 2048):
+            Inner width of each decoder feed-forward block.
+        activation_function (`str`, *optional*, defaults to `"relu"`):
+            Feed-forward activation.
+        dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on embeddings and residual branches.
+        attention_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on attention weights.
+        activation_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout after the feed-forward activation.
+        max_position_embeddings (`int`, *optional*, defaults to 512):
+            Longest report (in tokens) the decoder's learned positions cover.
+        scale_embedding (`bool`, *optional*, defaults to `True`):
+            Multiply word embeddings by `sqrt(d_model)`.
+        init_std (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser of linear and embedding weights.
+        observation_names (`list[str]`, *optional*):
+            Names of the classified observations, in logit order. Defaults to the 14 CheXpert observations.
+
+    Example:
+
+    ```python
+    >>> from configuration_cdan import CdanConfig
+    >>> from modeling_cdan import CdanForConditionalGeneration
+
+    >>> config = CdanConfig()  # the paper's model: ResNet-101, RA + SC
+    >>> base = CdanConfig.from_ablation("BASE", visual_extractor="resnet18")
+    >>> model = CdanForConditionalGeneration(base)
+    ```
+    """
+
+    model_type = "cdan"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "decoder_attention_heads",
+        "num_hidden_layers": "decoder_layers",
+    }
+
+    vocab_size: int = 764
+    visual_extractor: str = "resnet101"
+    visual_extractor_weights: str | None = None
+    visual_extractor_kwargs: dict | None = None
+    image_size: int = 224
+    num_views: int = 2
+    use_reverse_attention: bool = True
+    reverse_attention_heads: int = 8
+    renormalize_negative_attention: bool = True
+    num_observations: int = 14
+    disease_top_k: int = 3
+    use_semantic_consistency: bool = True
+    semantic_dim: int = 768
+    d_model: int = 512
+    encoder_layers: int = 3
+    encoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_layers: int = 3
+    decoder_attention_heads: int = 8
+    decoder_ffn_dim: int = 2048
+    activation_function: str = "relu"
+    dropout: float | int = 0.1
+    attention_dropout: float | int = 0.1
+    activation_dropout: float | int = 0.0
+    max_position_embeddings: int = 512
+    scale_embedding: bool = True
+    init_std: float = 0.02
+    observation_names: list[str] | None = None
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    decoder_start_token_id: int | None = 1
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.observation_names is None:
+            self.observation_names = list(CHEXPERT_OBSERVATIONS[: self.num_observations])
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Check that the sizes fit together, with messages that name the offending fields."""
+        super().validate_architecture()
+        for width_name, heads_name in (
+            ("d_model", "encoder_attention_heads"),
+            ("d_model", "decoder_attention_heads"),
+            ("d_model", "reverse_attention_heads"),
+        ):
+            width, heads = getattr(self, width_name), getattr(self, heads_name)
+            if heads < 1 or width % heads != 0:
+                raise ValueError(f"`{width_name}` ({width}) must be divisible by `{heads_name}` ({heads}).")
+        if self.num_views < 1:
+            raise ValueError(f"`num_views` must be at least 1, got {self.num_views}.")
+        if not 1 <= self.disease_top_k <= self.num_observations:
+            raise ValueError(
+                f"`disease_top_k` ({self.disease_top_k}) must lie in [1, num_observations={self.num_observations}]."
+            )
+        if len(self.observation_names) != self.num_observations:
+            raise ValueError(
+                f"`observation_names` has {len(self.observation_names)} names but `num_observations` is "
+                f"{self.num_observations}."
+            )
+
+    @classmethod
+    def from_ablation(cls, name: str, **kwargs) -> "CdanConfig":
+        """
+        Build the configuration of one row of the paper's ablation table.
+
+        Args:
+            name (`str`):
+                One of `"BASE"`, `"+RA"`, `"+SC"`, `"+RA+SC"` (case-insensitive).
+            kwargs:
+                Any other configuration field; the two switches of the row take precedence.
+        """
+        switches = {key.upper(): value for key, value in ABLATIONS.items()}.get(name.upper())
+        if switches is None:
+            raise ValueError(f"Unknown ablation {name!r}; choose one of {list(ABLATIONS)}.")
+        return cls(**{**kwargs, **switches})
+
+
+CdanConfig.register_for_auto_class()
+
+__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "CdanConfig"]

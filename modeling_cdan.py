@@ -1,0 +1,975 @@
+"""PyTorch CDAN: Cross-modal Discrepancy Attention Network for radiology report generation.
+
+CDAN reads the patch features of a chest X-ray study, looks both where self-attention looks (positive attention) and
+where it does not (negative or *reverse* attention), classifies the discrepancy between the two into the 14 CheXpert
+observations, embeds the most probable ones as disease words, and decodes a findings report from all three.
+
+References:
+1) Chen, Huang & Tan, "Cross-modal Discrepancy Attention Network for radiology report generation",
+   Journal of Guangdong University of Technology 42(1):70-78, 2025. Equation numbers in comments follow the
+   summary of the paper in issue #2 (visual extractor Eq. 4, reverse attention Eq. 5-16, decoder Eq. 19-21,
+   total loss Eq. 22); where the summary gives a range, the split inside it is ours.
+2) Chen et al., "Generating Radiology Reports via Memory-driven Transformer", EMNLP 2020 (R2Gen): the IU X-Ray /
+   MIMIC-CXR protocol and the stacking of several views along the token axis.
+3) Vaswani et al., "Attention Is All You Need", NeurIPS 2017: the encoder and decoder layers.
+4) Hugging Face transformers: BART (attention with `EncoderDecoderCache` and `layer_idx`), VisionEncoderDecoder
+   (model layout), T5Gemma2 (`self.loss_function`).
+"""
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+
+try:
+    from .configuration_cdan import CdanConfig
+except ImportError:
+    from configuration_cdan import CdanConfig
+
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_GENERATION_KWARGS = {"num_beams": 3, "max_length": 60, "early_stopping": True}
+"""R2Gen-family evaluation decodes with beam 3 and at most 60 tokens (IU X-Ray); saved in generation_config.json."""
+
+
+@dataclass
+class CdanEncoderOutput(BaseModelOutput):
+    r"""
+    Output of the CDAN encoder: the visual extractor, the reverse-attention module and the transformer encoder.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, d_model)`):
+            Encoded `u_s`, the memory the decoder cross-attends to.
+        disease_logits (`torch.FloatTensor` of shape `(batch_size, num_observations)`, *optional*):
+            `u_c`, the observation logits classified from `u_pn`. `None` without reverse attention.
+        pooled_semantic_states (`torch.FloatTensor` of shape `(batch_size, d_model)`):
+            Mean of `u_s` over its tokens, the input of the semantic-consistency projection.
+        positive_attentions (`torch.FloatTensor` of shape `(batch_size, num_heads, num_patches, num_patches)`, *optional*):
+            Softmax weights of the positive attention, returned when `output_attentions=True`.
+        negative_attentions (`torch.FloatTensor` of shape `(batch_size, num_heads, num_patches, num_patches)`, *optional*):
+            Weights of the negative attention (`1 - softmax`, renormalised if configured), returned when
+            `output_attentions=True`.
+    """
+
+    disease_logits: torch.FloatTensor | None = None
+    pooled_semantic_states: torch.FloatTensor | None = None
+    positive_attentions: torch.FloatTensor | None = None
+    negative_attentions: torch.FloatTensor | None = None
+
+
+@dataclass
+class CdanSeq2SeqModelOutput(Seq2SeqModelOutput):
+    r"""
+    [`Seq2SeqModelOutput`] plus the reverse-attention outputs of [`CdanEncoderOutput`].
+
+    Args:
+        disease_logits (`torch.FloatTensor` of shape `(batch_size, num_observations)`, *optional*):
+            `u_c`, the CheXpert observation logits.
+        pooled_semantic_states (`torch.FloatTensor` of shape `(batch_size, d_model)`, *optional*):
+            Mean of `u_s` over its tokens.
+        positive_attentions (`torch.FloatTensor`, *optional*):
+            Positive attention weights, when `output_attentions=True`.
+        negative_attentions (`torch.FloatTensor`, *optional*):
+            Negative attention weights, when `output_attentions=True`.
+    """
+
+    disease_logits: torch.FloatTensor | None = None
+    pooled_semantic_states: torch.FloatTensor | None = None
+    positive_attentions: torch.FloatTensor | None = None
+    negative_attentions: torch.FloatTensor | None = None
+
+
+@dataclass
+class CdanSeq2SeqLMOutput(Seq2SeqLMOutput):
+    r"""
+    Output of [`CdanForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+            Token cross-entropy of the report (the paper's L_text). The multi-label and semantic-consistency terms
+            are added by the trainer from `disease_logits` and `visual_semantics`.
+        logits (`torch.FloatTensor` of shape `(batch_size, target_length, vocab_size)`):
+            Next-word scores.
+        disease_logits (`torch.FloatTensor` of shape `(batch_size, num_observations)`, *optional*):
+            `u_c`, the CheXpert observation logits; `None` without reverse attention.
+        visual_semantics (`torch.FloatTensor` of shape `(batch_size, semantic_dim)`, *optional*):
+            Pooled `u_s` projected to the text encoder's width, the semantic-consistency target. Computed only when
+            semantic consistency is on and `labels` are given, so never during generation.
+        positive_attentions (`torch.FloatTensor`, *optional*):
+            Positive attention weights, when `output_attentions=True`.
+        negative_attentions (`torch.FloatTensor`, *optional*):
+            Negative attention weights, when `output_attentions=True`.
+    """
+
+    disease_logits: torch.FloatTensor | None = None
+    visual_semantics: torch.FloatTensor | None = None
+    positive_attentions: torch.FloatTensor | None = None
+    negative_attentions: torch.FloatTensor | None = None
+
+
+def sinusoidal_positions(num_positions: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Fixed sine/cosine position codes of Vaswani et al. (2017), shape `(num_positions, dim)`."""
+    positions = torch.arange(num_positions, device=device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+    frequencies = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    codes = torch.zeros(num_positions, dim, device=device, dtype=torch.float32)
+    codes[:, 0::2] = torch.sin(positions * frequencies)
+    codes[:, 1::2] = torch.cos(positions * frequencies[: dim // 2])
+    return codes.to(dtype)
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs from labels: prepend the start token, drop the last label, and turn `-100` into padding."""
+    decoder_input_ids = labels.new_zeros(labels.shape)
+    decoder_input_ids[:, 1:] = labels[:, :-1].clone()
+    decoder_input_ids[:, 0] = decoder_start_token_id
+    return decoder_input_ids.masked_fill(decoder_input_ids == -100, pad_token_id)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in plain torch; inputs are `(B, H, T, D)`, the output is `(B, T, H, D)`."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, H, D)
+    return attn_output, attn_weights
+
+
+class CdanVisualExtractor(nn.Module):
+    """
+    The visual extractor VE of Eq. (4): a `timm` CNN whose last feature map gives the patch features `u`.
+
+    Each of the `num_views` views is encoded separately and their patches are stacked along the token axis, as R2Gen
+    does, so a 224 px two-view study through ResNet-101 gives `2 x 7 x 7 = 98` tokens of width 2048.
+
+    Args:
+        config (`CdanConfig`):
+            Reads `visual_extractor`, `visual_extractor_kwargs`, `num_views` and `image_size`.
+    """
+
+    def __init__(self, config: CdanConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = timm.create_model(
+            config.visual_extractor,
+            pretrained=False,
+            num_classes=0,
+            global_pool="",
+            **(config.visual_extractor_kwargs or {}),
+        )
+        self.num_features = self.backbone.num_features
+        # timm has initialised the backbone its own way (e.g. Kaiming for ResNets); keep that instead of the
+        # generic normal(0, init_std) of `_init_weights`, which suits the transformer layers.
+        for module in self.backbone.modules():
+            module._is_hf_initialized = True
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Run the CNN on a stack of single views: `(N, 3, H, W)` -> `(N, C, h, w)`."""
+        return self.backbone.forward_features(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, V, 3, H, W)` -> patch features `u` of shape `(B, V*h*w, C)`."""
+        batch_size, num_views = pixel_values.shape[:2]
+        feature_maps = self.forward_features(pixel_values.flatten(0, 1))  # (B*V, C, h, w)
+        patches = feature_maps.flatten(2).transpose(1, 2)  # (B*V, h*w, C)
+        return patches.reshape(batch_size, num_views * patches.shape[1], patches.shape[2])  # (B, V*h*w, C)
+
+    def load_pretrained_weights(self, weights_path: str | os.PathLike | None = None) -> None:
+        """
+        Load ImageNet weights into the backbone, from a local file or, without one, from the Hugging Face Hub.
+
+        Args:
+            weights_path (`str` or `os.PathLike`, *optional*):
+                A `.safetensors`, `.pth`, `.pt` or `.bin` state dict of the same `timm` architecture. Classifier
+                weights in it are ignored.
+
+        Raises:
+            FileNotFoundError: `weights_path` does not exist.
+            ValueError: the file does not match the architecture.
+            OSError: no file was given and the Hub cannot be reached.
+        """
+        if weights_path is None:
+            try:
+                reference = timm.create_model(self.config.visual_extractor, pretrained=True, num_classes=0)
+            except Exception as error:  # timm raises several network/Hub error types
+                raise OSError(
+                    f"Could not download ImageNet weights for the visual extractor {self.config.visual_extractor!r} "
+                    f"from the Hugging Face Hub ({type(error).__name__}: {error}). If this machine is offline, pass "
+                    "a local weights file: `--visual_extractor_weights /path/to/weights.safetensors` in train.py, "
+                    "`CdanConfig(visual_extractor_weights=...)`, or `load_pretrained_weights(weights_path=...)`; or "
+                    "train the extractor from scratch with `--visual_extractor_pretrained False`."
+                ) from error
+            state_dict = reference.state_dict()
+        else:
+            weights_path = os.fspath(weights_path)
+            if not os.path.isfile(weights_path):
+                raise FileNotFoundError(f"Visual extractor weights file not found: {weights_path}")
+            if weights_path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state_dict = load_file(weights_path)
+            else:
+                state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+                state_dict = state_dict.get("state_dict", state_dict)
+        own_keys = set(self.backbone.state_dict())
+        matched = {key: value for key, value in state_dict.items() if key in own_keys}
+        missing = sorted(own_keys - set(matched))
+        if missing:
+            source = weights_path or "the Hub"
+            raise ValueError(
+                f"Weights from {source} do not fit visual extractor {self.config.visual_extractor!r}: "
+                f"{len(missing)} tensors missing, e.g. {missing[:3]}."
+            )
+        self.backbone.load_state_dict(matched, strict=True)
+
+
+class CdanAttention(nn.Module):
+    """
+    Multi-head softmax attention, `Attention(Q, K, V) = softmax(QK^T / sqrt(d)) V`.
+
+    It is the paper's PositiveAttention when used in the reverse-attention module, and the self- and cross-attention
+    of the encoder and decoder layers, where it reads and writes an `EncoderDecoderCache` through `layer_idx`.
+
+    Args:
+        config (`CdanConfig`):
+            Selects the attention kernel (`config._attn_implementation`).
+        embed_dim (`int`):
+            Width of queries, keys and values.
+        num_heads (`int`):
+            Number of heads.
+        dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention weights while training.
+        is_causal (`bool`, *optional*, defaults to `False`):
+            Whether this is the decoder's masked self-attention.
+        layer_idx (`int`, *optional*):
+            Index of the decoder layer, to address the cache.
+    """
+
+    def __init__(
+        self,
+        config: CdanConfig,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = dropout
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def project_query_key_value(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project to heads, `(B, T, C)` -> `(B, H, T, D)`, reusing or extending the cache when one is given."""
+        is_cross_attention = key_value_states is not None
+        query_states = self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+        layer_cache, cross_is_cached = past_key_values, False
+        if isinstance(past_key_values, EncoderDecoderCache):
+            cross_is_cached = is_cross_attention and past_key_values.is_updated.get(self.layer_idx, False)
+            layer_cache = (
+                past_key_values.cross_attention_cache if is_cross_attention else past_key_values.self_attention_cache
+            )
+        if cross_is_cached:  # the encoder memory does not change during generation: reuse its keys and values
+            key_states = layer_cache.layers[self.layer_idx].keys
+            value_states = layer_cache.layers[self.layer_idx].values
+            return query_states, key_states, value_states
+
+        source_states = key_value_states if is_cross_attention else hidden_states
+        key_states = self.k_proj(source_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        value_states = self.v_proj(source_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        if layer_cache is not None:
+            key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
+            if is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
+                past_key_values.is_updated[self.layer_idx] = True
+        return query_states, key_states, value_states
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries from `hidden_states` `(B, T, C)`; keys and values from `key_value_states` `(B, S, C)` if given."""
+        query_states, key_states, value_states = self.project_query_key_value(
+            hidden_states, key_value_states, past_key_values
+        )
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.out_proj(attn_output.flatten(2))  # (B, T, C)
+        return attn_output, attn_weights
+
+
+class CdanNegativeAttention(CdanAttention):
+    """
+    The paper's NegativeAttention: it weights each value by how little softmax attention gives it,
+    `A_n = 1 - softmax(QK^T / sqrt(d))`, so it looks at what self-attention ignores.
+
+    Each row of `1 - softmax` sums to `N - 1` over `N` keys. With `config.renormalize_negative_attention` (the
+    default) the rows are divided by `N - 1` so they are distributions again; without it the weights are used as
+    written in the paper.
+
+    With `output_attentions=False` and the SDPA kernel it uses the identity `(1 - A) V = sum_j V_j - A V`, so the
+    fused kernel computes `A V` and the `N x N` matrix `1 - A` is never materialised.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query_states, key_states, value_states = self.project_query_key_value(hidden_states, key_value_states)
+        num_keys = key_states.shape[-2]
+        normalizer = max(num_keys - 1, 1) if self.config.renormalize_negative_attention else 1
+        dropout = self.dropout if self.training else 0.0
+
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = torch.matmul(query_states, key_states.transpose(2, 3)) * self.scaling  # (B, H, T, S)
+            positive_weights = nn.functional.softmax(scores, dim=-1)  # Eq. (8): softmax(QK^T / sqrt(d))
+            negative_weights = (1.0 - positive_weights) / normalizer  # Eq. (9): A_n = 1 - softmax(QK^T / sqrt(d))
+            negative_weights = nn.functional.dropout(negative_weights, p=dropout, training=self.training)
+            attn_output = torch.matmul(negative_weights, value_states)  # Eq. (10): A_n V, (B, H, T, D)
+        else:
+            positive_output = nn.functional.scaled_dot_product_attention(
+                query_states, key_states, value_states, dropout_p=dropout, scale=self.scaling
+            )  # A V, (B, H, T, D)
+            attn_output = (value_states.sum(dim=-2, keepdim=True) - positive_output) / normalizer  # Eq. (9)-(10)
+            negative_weights = None
+        attn_output = self.out_proj(attn_output.transpose(1, 2).flatten(2))  # (B, T, C)
+        return attn_output, negative_weights
+
+
+class CdanReverseAttention(nn.Module):
+    """
+    The reverse-attention module (Eq. 5-16) that turns patch features `u` into the decoder memory `u_s`.
+
+    ```
+    u_p  = PositiveAttention(u, u, u)                      # looks where self-attention looks
+    u_n  = NegativeAttention(u, u, u)                      # looks where it does not
+    u_pn = PositiveAttention(u_p, u_n, u_n)                # the discrepancy between the two
+    u_c  = Classify(u_pn)                                  # 14 CheXpert observation logits
+    u_k  = top-k disease-word embeddings under Softmax(u_c)
+    u_s  = Concat([u_p, u_n, u_k])                         # along the token axis
+    ```
+
+    The disease words are `disease_top_k` learned embeddings, one per observation. Each selected embedding is weighted
+    by its softmax probability renormalised over the `k` selected observations, so the weights sum to one and the
+    report loss also reaches the classifier. Every attention is followed by a residual connection and LayerNorm.
+
+    Args:
+        config (`CdanConfig`):
+            Reads `d_model`, `reverse_attention_heads`, `attention_dropout`, `num_observations`, `disease_top_k`.
+    """
+
+    def __init__(self, config: CdanConfig):
+        super().__init__()
+        self.top_k = config.disease_top_k
+        heads, width, dropout = config.reverse_attention_heads, config.d_model, config.attention_dropout
+        self.positive_attention = CdanAttention(config, width, heads, dropout=dropout)
+        self.negative_attention = CdanNegativeAttention(config, width, heads, dropout=dropout)
+        self.discrepancy_attention = CdanAttention(config, width, heads, dropout=dropout)
+        self.positive_layer_norm = nn.LayerNorm(width)
+        self.negative_layer_norm = nn.LayerNorm(width)
+        self.discrepancy_layer_norm = nn.LayerNorm(width)
+        self.disease_classifier = nn.Linear(width, config.num_observations)
+        self.disease_embeddings = nn.Embedding(config.num_observations, width)
+
+    def select_disease_words(self, disease_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Embed the `top_k` most probable observations.
+
+        Returns:
+            `(u_k, top_k_indices)`: `u_k` of shape `(B, k, d_model)` and the chosen observation indices `(B, k)`.
+        """
+        disease_probabilities = disease_logits.softmax(dim=-1)  # (B, num_observations)
+        top_k_probabilities, top_k_indices = disease_probabilities.topk(self.top_k, dim=-1)  # (B, k)
+        word_weights = top_k_probabilities / top_k_probabilities.sum(dim=-1, keepdim=True)  # (B, k), sums to 1
+        disease_words = self.disease_embeddings(top_k_indices) * word_weights.unsqueeze(-1)  # Eq. (14): u_k
+        return disease_words, top_k_indices
+
+    def forward(
+        self, patch_features: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """
+        Args:
+            patch_features (`torch.Tensor` of shape `(B, N, d_model)`): `u`.
+            output_attentions (`bool`): also return the positive and negative attention weights.
+
+        Returns:
+            `(u_s, u_c, positive_weights, negative_weights)` with `u_s` of shape `(B, 2N + k, d_model)`.
+        """
+        u = patch_features
+        positive_output, positive_weights = self.positive_attention(u, u, output_attentions=output_attentions)
+        u_p = self.positive_layer_norm(u + positive_output)  # Eq. (5)-(7): u_p = PositiveAttention(u, u, u)
+        negative_output, negative_weights = self.negative_attention(u, u, output_attentions=output_attentions)
+        u_n = self.negative_layer_norm(u + negative_output)  # Eq. (8)-(10): u_n = NegativeAttention(u, u, u)
+        discrepancy_output, _ = self.discrepancy_attention(u_p, u_n)
+        u_pn = self.discrepancy_layer_norm(u_p + discrepancy_output)  # Eq. (11): u_pn = PositiveAttention(u_p, u_n, u_n)
+        u_c = self.disease_classifier(u_pn.mean(dim=1))  # Eq. (12): u_c = Classify(u_pn), (B, num_observations)
+        u_k, _ = self.select_disease_words(u_c)  # Eq. (13)-(14): top-k disease words under Softmax(u_c)
+        u_s = torch.cat([u_p, u_n, u_k], dim=1)  # Eq. (15): u_s = Concat([u_p, u_n, u_k]), (B, 2N + k, d_model)
+        return u_s, u_c, positive_weights, negative_weights
+
+
+class CdanFeedForward(nn.Module):
+    """Position-wise feed-forward block `W_2 act(W_1 x)`."""
+
+    def __init__(self, config: CdanConfig, ffn_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, config.d_model)
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return self.fc2(hidden_states)
+
+
+class CdanEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer encoder layer over `u_s` (Eq. 16)."""
+
+    def __init__(self, config: CdanConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.self_attn = CdanAttention(
+            config, config.d_model, config.encoder_attention_heads, config.attention_dropout, layer_idx=layer_idx
+        )
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.feed_forward = CdanFeedForward(config, config.encoder_ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+        self.dropout = config.dropout
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states))
+        hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
+        ffn_output = self.feed_forward(self.final_layer_norm(hidden_states))
+        return hidden_states + nn.functional.dropout(ffn_output, p=self.dropout, training=self.training)
+
+
+class CdanDecoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer decoder layer: masked self-attention, cross-attention to `u_s`, feed-forward."""
+
+    def __init__(self, config: CdanConfig, layer_idx: int | None = None):
+        super().__init__()
+        width, heads, dropout = config.d_model, config.decoder_attention_heads, config.attention_dropout
+        self.self_attn = CdanAttention(config, width, heads, dropout, is_causal=True, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(width)
+        self.encoder_attn = CdanAttention(config, width, heads, dropout, layer_idx=layer_idx)
+        self.encoder_attn_layer_norm = nn.LayerNorm(width)
+        self.feed_forward = CdanFeedForward(config, config.decoder_ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(width)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.self_attn_layer_norm(hidden_states), past_key_values=past_key_values, attention_mask=attention_mask
+        )
+        hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
+        cross_output, _ = self.encoder_attn(
+            self.encoder_attn_layer_norm(hidden_states),
+            key_value_states=encoder_hidden_states,
+            past_key_values=past_key_values,
+        )
+        hidden_states = hidden_states + nn.functional.dropout(cross_output, p=self.dropout, training=self.training)
+        ffn_output = self.feed_forward(self.final_layer_norm(hidden_states))
+        return hidden_states + nn.functional.dropout(ffn_output, p=self.dropout, training=self.training)
+
+
+class CdanPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the shared class attributes of the CDAN models."""
+
+    config: CdanConfig
+    config_class = CdanConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CdanVisualExtractor", "CdanReverseAttention", "CdanEncoderLayer", "CdanDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, CdanEncoder) and module.segment_embeddings is not None:
+            init.normal_(module.segment_embeddings.weight, std=self.config.init_std)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        for module in self.modules():  # timm backbones checkpoint their own stages
+            if isinstance(module, CdanVisualExtractor) and hasattr(module.backbone, "set_grad_checkpointing"):
+                module.backbone.set_grad_checkpointing(enable)
+
+
+class CdanEncoder(CdanPreTrainedModel):
+    """
+    Image side of CDAN: visual extractor (Eq. 4), projection to `d_model`, reverse attention (Eq. 5-15) and the
+    transformer encoder (Eq. 16). It is what `generate()` runs once per study.
+
+    The encoder input is `u_s` plus fixed sinusoidal positions and a learned segment embedding that tells apart the
+    three streams `u_p`, `u_n` and `u_k` (without reverse attention there is one stream, `u`).
+
+    Args:
+        config (`CdanConfig`): the model configuration.
+    """
+
+    def __init__(self, config: CdanConfig):
+        super().__init__(config)
+        self.visual_extractor = CdanVisualExtractor(config)
+        self.visual_projection = nn.Linear(self.visual_extractor.num_features, config.d_model)
+        self.reverse_attention = CdanReverseAttention(config) if config.use_reverse_attention else None
+        self.segment_embeddings = nn.Embedding(3, config.d_model) if config.use_reverse_attention else None
+        self.dropout = config.dropout
+        self.layers = nn.ModuleList([CdanEncoderLayer(config, layer_idx=i) for i in range(config.encoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.post_init()
+
+    def check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Raise a clear `ValueError` for inputs the extractor cannot take, instead of a shape error deep in torch."""
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: pass the processed images of a study.")
+        if pixel_values.ndim == 4 and self.config.num_views == 1:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
+            raise ValueError(
+                "`pixel_values` must have shape (batch, views, 3, height, width); got "
+                f"{tuple(pixel_values.shape)}. Use CdanImageProcessor to prepare images."
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("`pixel_values` is an empty batch.")
+        if pixel_values.shape[1] != self.config.num_views:
+            raise ValueError(
+                f"This model reads {self.config.num_views} view(s) per study but `pixel_values` has "
+                f"{pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})."
+            )
+        return pixel_values
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CdanEncoderOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_views, 3, height, width)`):
+            Processed views of each study (see [`CdanImageProcessor`]).
+        output_attentions (`bool`, *optional*):
+            Return the positive and negative attention weights of the reverse-attention module.
+        output_hidden_states (`bool`, *optional*):
+            Return the input and output of every encoder layer.
+        """
+        pixel_values = self.check_pixel_values(pixel_values)
+        output_attentions = bool(output_attentions)
+        patch_features = self.visual_extractor(pixel_values.to(self.visual_projection.weight.dtype))  # Eq. (4): u
+        u = self.visual_projection(patch_features)  # (B, N, d_model)
+
+        disease_logits = positive_weights = negative_weights = None
+        if self.reverse_attention is not None:
+            u_s, disease_logits, positive_weights, negative_weights = self.reverse_attention(u, output_attentions)
+            num_patches, top_k = u.shape[1], self.config.disease_top_k
+            segment_ids = torch.repeat_interleave(
+                torch.arange(3, device=u.device), torch.tensor([num_patches, num_patches, top_k], device=u.device)
+            )
+            u_s = u_s + self.segment_embeddings(segment_ids)  # (B, 2N + k, d_model)
+        else:
+            u_s = u
+        pooled_semantic_states = u_s.mean(dim=1)  # (B, d_model)
+
+        hidden_states = u_s + sinusoidal_positions(u_s.shape[1], u_s.shape[2], u_s.device, u_s.dtype)
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        all_hidden_states = () if output_hidden_states else None
+        for encoder_layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = encoder_layer(hidden_states)  # Eq. (16)
+        hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return CdanEncoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            disease_logits=disease_logits,
+            pooled_semantic_states=pooled_semantic_states,
+            positive_attentions=positive_weights,
+            negative_attentions=negative_weights,
+        )
+
+
+class CdanDecoder(CdanPreTrainedModel):
+    """
+    The report decoder (Eq. 19-21): word embeddings plus learned positions, `decoder_layers` masked self-attention /
+    cross-attention layers over the encoded `u_s`, and a final LayerNorm. Keys and values are cached in an
+    `EncoderDecoderCache` during generation.
+
+    Args:
+        config (`CdanConfig`): the model configuration.
+    """
+
+    def __init__(self, config: CdanConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
+        self.dropout = config.dropout
+        self.layers = nn.ModuleList([CdanDecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `decoder_input_ids` and `decoder_inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, d_model)
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+
+        batch_size, target_length = inputs_embeds.shape[:2]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + target_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Report length {past_length + target_length} exceeds `max_position_embeddings` "
+                f"({self.config.max_position_embeddings}); lower the generation `max_length`."
+            )
+        position_ids = torch.arange(past_length, past_length + target_length, device=inputs_embeds.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_length + target_length, device=inputs_embeds.device)
+        self_attention_cache = (
+            past_key_values.self_attention_cache
+            if isinstance(past_key_values, EncoderDecoderCache)
+            else past_key_values
+        )
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=self_attention_cache,
+            position_ids=position_ids.unsqueeze(0),
+        )
+
+        hidden_states = inputs_embeds + self.embed_positions(position_ids)  # Eq. (19): word + position embeddings
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        all_hidden_states = () if output_hidden_states else None
+        for decoder_layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = decoder_layer(  # Eq. (20): masked self-attention, cross-attention to u_s, feed-forward
+                hidden_states,
+                causal_mask,
+                encoder_hidden_states,  # positional, for gradient checkpointing
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+        hidden_states = self.layer_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return Seq2SeqModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            decoder_hidden_states=all_hidden_states,
+        )
+
+
+class CdanModel(CdanPreTrainedModel):
+    """The bare CDAN encoder-decoder, returning decoder states without the language-model head."""
+
+    def __init__(self, config: CdanConfig):
+        super().__init__(config)
+        self.encoder = CdanEncoder(config)
+        self.decoder = CdanDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.decoder.embed_tokens = value
+
+    def get_encoder(self, modality: str | None = None) -> CdanEncoder:
+        return self.encoder
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: CdanEncoderOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        decoder_inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> CdanSeq2SeqModelOutput:
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                pixel_values=pixel_values,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+        elif not isinstance(encoder_outputs, CdanEncoderOutput):
+            encoder_outputs = CdanEncoderOutput(*encoder_outputs)
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            past_key_values=past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        return CdanSeq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            past_key_values=decoder_outputs.past_key_values,
+            decoder_hidden_states=decoder_outputs.decoder_hidden_states,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            disease_logits=encoder_outputs.disease_logits,
+            pooled_semantic_states=encoder_outputs.pooled_semantic_states,
+            positive_attentions=encoder_outputs.positive_attentions,
+            negative_attentions=encoder_outputs.negative_attentions,
+        )
+
+
+class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
+    """
+    CDAN with its language-model head: chest X-ray views in, findings report out.
+
+    `forward` returns the token cross-entropy (`loss`), next-word `logits`, the CheXpert `disease_logits` and, when
+    semantic consistency is on and `labels` are given, `visual_semantics` for the trainer's MSE term. Reports are
+    written with the stock `generate()` (greedy, beam, sampling, `no_repeat_ngram_size`), which reuses cached keys and
+    values.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained("path/to/checkpoint", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("path/to/checkpoint", trust_remote_code=True)
+    >>> inputs = processor(images=[["frontal.png", "lateral.png"]])
+    >>> report = processor.batch_decode(model.generate(**inputs))[0]
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+    def __init__(self, config: CdanConfig):
+        super().__init__(config)
+        self.model = CdanModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.semantic_projection = (
+            nn.Linear(config.d_model, config.semantic_dim) if config.use_semantic_consistency else None
+        )
+        self.loss_type = "ForMaskedLM"  # labels are already aligned with the right-shifted decoder inputs
+        self.post_init()
+        self.generation_config.update(**DEFAULT_GENERATION_KWARGS)
+
+    @classmethod
+    def from_backbone_pretrained(
+        cls, config: CdanConfig | None = None, weights_path: str | os.PathLike | None = None, **config_kwargs
+    ) -> "CdanForConditionalGeneration":
+        """
+        A new CDAN model whose visual extractor starts from ImageNet weights (the rest is randomly initialised),
+        as the paper trains it.
+
+        Args:
+            config (`CdanConfig`, *optional*):
+                The configuration; built from `config_kwargs` when omitted.
+            weights_path (`str` or `os.PathLike`, *optional*):
+                Local weights file for the backbone. Defaults to `config.visual_extractor_weights`, and without
+                either the weights are downloaded from the Hugging Face Hub through `timm`.
+        """
+        config = config if config is not None else CdanConfig(**config_kwargs)
+        model = cls(config)
+        model.model.encoder.visual_extractor.load_pretrained_weights(weights_path or config.visual_extractor_weights)
+        return model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    def get_encoder(self, modality: str | None = None) -> CdanEncoder:
+        return self.model.encoder
+
+    def get_decoder(self) -> CdanDecoder:
+        return self.model.decoder
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: CdanEncoderOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        decoder_inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CdanSeq2SeqLMOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_views, 3, height, width)`):
+            Processed views of each study (see [`CdanImageProcessor`]).
+        decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+            Report tokens fed to the decoder. Built from `labels` (shifted right behind `decoder_start_token_id`)
+            when omitted.
+        decoder_attention_mask (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+            Padding mask of `decoder_input_ids`; a causal mask is always applied.
+        encoder_outputs (`CdanEncoderOutput`, *optional*):
+            Precomputed encoder outputs, as `generate()` passes them.
+        past_key_values (`EncoderDecoderCache`, *optional*):
+            Cached decoder keys and values.
+        labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
+            Target report tokens ending in `eos`, padded with `-100`.
+        output_attentions (`bool`, *optional*):
+            Return the positive and negative attention weights.
+        kwargs:
+            `num_items_in_batch` from the Trainer, so the loss is correct under gradient accumulation.
+        """
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+
+        outputs = self.model(
+            pixel_values=pixel_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # Eq. (21): p(w_t | w_<t, u_s), (B, T, vocab_size)
+
+        loss = visual_semantics = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)  # L_text of Eq. (22)
+            if self.semantic_projection is not None:
+                visual_semantics = self.semantic_projection(outputs.pooled_semantic_states)  # (B, semantic_dim)
+
+        return CdanSeq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            disease_logits=outputs.disease_logits,
+            visual_semantics=visual_semantics,
+            positive_attentions=outputs.positive_attentions,
+            negative_attentions=outputs.negative_attentions,
+        )
+
+
+CdanModel.register_for_auto_class("AutoModel")
+CdanForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "CdanEncoder",
+    "CdanEncoderOutput",
+    "CdanDecoder",
+    "CdanForConditionalGeneration",
+    "CdanModel",
+    "CdanPreTrainedModel",
+    "CdanReverseAttention",
+    "CdanSeq2SeqLMOutput",
+    "CdanSeq2SeqModelOutput",
+    "CdanVisualExtractor",
+]

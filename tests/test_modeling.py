@@ -1,0 +1,319 @@
+"""Behaviour of the CDAN model on tiny random configurations (CPU, offline)."""
+
+import pytest
+import torch
+
+from configuration_cdan import ABLATIONS, CdanConfig
+from modeling_cdan import (
+    CdanForConditionalGeneration,
+    CdanNegativeAttention,
+    CdanAttention,
+    CdanVisualExtractor,
+)
+
+
+def tiny_config(**overrides) -> CdanConfig:
+    """A CDAN small enough for CPU tests: timm's 0.4 M-parameter `test_resnet`, width 32, 64 px, two views."""
+    fields = dict(
+        visual_extractor="test_resnet",
+        image_size=64,
+        num_views=2,
+        vocab_size=40,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        reverse_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        semantic_dim=24,
+        max_position_embeddings=64,
+        disease_top_k=3,
+    )
+    fields.update(overrides)
+    return CdanConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> CdanForConditionalGeneration:
+    torch.manual_seed(seed)
+    # A large init_std and an untied head make a random model's next-word distribution peaked and varied (tied
+    # random embeddings mostly copy the previous token), so generation tests compare real token sequences.
+    fields = dict(init_std=0.5, dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+    return CdanForConditionalGeneration(tiny_config(**{**fields, **overrides}))
+
+
+def study_batch(batch_size: int = 2, num_views: int = 2, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, num_views, 3, 64, 64, generator=generator)
+
+
+def report_labels(batch_size: int = 2, length: int = 9, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(4, 40, (batch_size, length), generator=generator)
+    labels[:, -1] = 2  # eos
+    return labels
+
+
+def test_forward_output_shapes():
+    model = tiny_model()
+    labels = report_labels()
+    outputs = model(pixel_values=study_batch(), labels=labels, output_attentions=True)
+    num_patches = 2 * 2 * 2  # two views of a 2x2 feature map
+    assert outputs.loss.shape == ()
+    assert outputs.logits.shape == (2, 9, 40)
+    assert outputs.disease_logits.shape == (2, 14)
+    assert outputs.visual_semantics.shape == (2, 24)
+    assert outputs.encoder_last_hidden_state.shape == (2, 2 * num_patches + 3, 32)
+    assert outputs.positive_attentions.shape == (2, 4, num_patches, num_patches)
+    assert outputs.negative_attentions.shape == (2, 4, num_patches, num_patches)
+
+
+def test_loss_is_finite_and_falls_when_overfitting_four_studies():
+    torch.manual_seed(0)
+    model = CdanForConditionalGeneration(tiny_config(dropout=0.0, attention_dropout=0.0))
+    pixel_values, labels = study_batch(batch_size=4), report_labels(batch_size=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = model(pixel_values=pixel_values, labels=labels).loss
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_padded_label_positions_do_not_count_in_the_loss():
+    model = tiny_model().eval()
+    labels = report_labels()
+    padded = torch.cat([labels, torch.full((2, 4), -100)], dim=1)
+    loss = model(pixel_values=study_batch(), labels=labels).loss
+    padded_loss = model(pixel_values=study_batch(), labels=padded).loss
+    torch.testing.assert_close(loss, padded_loss)
+
+
+def test_greedy_generation_equals_step_by_step_argmax():
+    model = tiny_model().eval()
+    pixel_values = study_batch()
+    generated = model.generate(pixel_values=pixel_values, num_beams=1, do_sample=False, max_length=10, min_length=10)
+    tokens = torch.full((2, 1), model.config.decoder_start_token_id)
+    with torch.no_grad():
+        for _ in range(9):
+            logits = model(pixel_values=pixel_values, decoder_input_ids=tokens, use_cache=False).logits
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert len(set(generated[0].tolist())) > 2, "the test model should write varied tokens"
+    assert torch.equal(generated, tokens)
+
+
+def test_greedy_generation_equals_one_beam_search():
+    model = tiny_model().eval()
+    pixel_values = study_batch()
+    greedy = model.generate(pixel_values=pixel_values, do_sample=False, num_beams=1, max_length=12)
+    one_beam = model.generate(
+        pixel_values=pixel_values, do_sample=False, num_beams=1, num_return_sequences=1, length_penalty=0.0,
+        max_length=12, early_stopping=False,
+    )
+    assert torch.equal(greedy, one_beam)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generation_with_cache_equals_generation_without_cache(num_beams):
+    model = tiny_model().eval()
+    pixel_values = study_batch()
+    cached = model.generate(pixel_values=pixel_values, num_beams=num_beams, max_length=14, use_cache=True)
+    uncached = model.generate(pixel_values=pixel_values, num_beams=num_beams, max_length=14, use_cache=False)
+    assert cached.shape[1] > 3
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_and_no_repeat_ngram_run_through_stock_generate():
+    model = tiny_model().eval()
+    torch.manual_seed(0)
+    sampled = model.generate(pixel_values=study_batch(), do_sample=True, top_k=5, num_beams=1, max_length=12)
+    blocked = model.generate(pixel_values=study_batch(), num_beams=3, no_repeat_ngram_size=2, max_length=20)
+    assert sampled.shape[0] == 2
+    for row in blocked.tolist():
+        bigrams = [tuple(row[i : i + 2]) for i in range(len(row) - 1) if 0 not in row[i : i + 2]]
+        assert len(bigrams) == len(set(bigrams))
+
+
+def test_save_and_load_round_trip_generates_the_same_reports(tmp_path):
+    model = tiny_model(tie_word_embeddings=True).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = CdanForConditionalGeneration.from_pretrained(tmp_path).eval()
+    pixel_values = study_batch()
+    assert torch.equal(model.generate(pixel_values=pixel_values), reloaded.generate(pixel_values=pixel_values))
+    assert reloaded.generation_config.num_beams == 3
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.decoder.embed_tokens.weight.data_ptr()
+
+
+def test_negative_attention_weights_are_one_minus_positive_weights():
+    config = tiny_config(renormalize_negative_attention=False)
+    positive, negative = CdanAttention(config, 32, 4), CdanNegativeAttention(config, 32, 4)
+    negative.load_state_dict(positive.state_dict())
+    features = torch.randn(2, 8, 32)
+    _, positive_weights = positive(features, features, output_attentions=True)
+    _, negative_weights = negative(features, features, output_attentions=True)
+    torch.testing.assert_close(negative_weights, 1.0 - positive_weights)
+
+
+def test_renormalised_negative_attention_rows_sum_to_one():
+    config = tiny_config(renormalize_negative_attention=True)
+    positive, negative = CdanAttention(config, 32, 4), CdanNegativeAttention(config, 32, 4)
+    negative.load_state_dict(positive.state_dict())
+    features = torch.randn(2, 8, 32)
+    _, positive_weights = positive(features, features, output_attentions=True)
+    _, negative_weights = negative(features, features, output_attentions=True)
+    torch.testing.assert_close(negative_weights, (1.0 - positive_weights) / 7)
+    torch.testing.assert_close(negative_weights.sum(-1), torch.ones(2, 4, 8))
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_negative_attention_sdpa_identity_matches_explicit_weights(renormalize):
+    config = tiny_config(renormalize_negative_attention=renormalize)
+    config._attn_implementation = "sdpa"
+    negative = CdanNegativeAttention(config, 32, 4).eval()
+    features = torch.randn(2, 8, 32)
+    fused, fused_weights = negative(features, features, output_attentions=False)
+    explicit, _ = negative(features, features, output_attentions=True)
+    assert fused_weights is None
+    torch.testing.assert_close(fused, explicit)
+
+
+def test_top_k_disease_words_follow_the_most_probable_observations():
+    model = tiny_model()
+    reverse_attention = model.model.encoder.reverse_attention
+    disease_logits = torch.tensor([[0.0] * 10 + [5.0, 1.0, 3.0, 2.0], [4.0, 3.5, 3.0] + [-1.0] * 11])
+    disease_words, top_k_indices = reverse_attention.select_disease_words(disease_logits)
+    assert top_k_indices.tolist() == [[10, 12, 13], [0, 1, 2]]
+    probabilities = disease_logits.softmax(-1).gather(1, top_k_indices)
+    weights = probabilities / probabilities.sum(-1, keepdim=True)
+    expected = reverse_attention.disease_embeddings(top_k_indices) * weights.unsqueeze(-1)
+    torch.testing.assert_close(disease_words, expected)
+
+
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+def test_ablation_switches_add_and_remove_modules(ablation):
+    torch.manual_seed(0)
+    model = CdanForConditionalGeneration(CdanConfig.from_ablation(ablation, **tiny_config().to_diff_dict()))
+    uses_reverse_attention = ABLATIONS[ablation]["use_reverse_attention"]
+    uses_semantic_consistency = ABLATIONS[ablation]["use_semantic_consistency"]
+    outputs = model(pixel_values=study_batch(), labels=report_labels())
+    num_tokens = outputs.encoder_last_hidden_state.shape[1]
+    assert (model.model.encoder.reverse_attention is not None) == uses_reverse_attention
+    assert (outputs.disease_logits is not None) == uses_reverse_attention
+    assert num_tokens == (2 * 8 + 3 if uses_reverse_attention else 8)
+    assert (model.semantic_projection is not None) == uses_semantic_consistency
+    assert (outputs.visual_semantics is not None) == uses_semantic_consistency
+    assert any(name.startswith("semantic_projection") for name, _ in model.named_parameters()) == (
+        uses_semantic_consistency
+    )
+
+
+def test_semantic_projection_never_runs_during_generation():
+    model = tiny_model().eval()
+    calls = []
+    model.semantic_projection.register_forward_hook(lambda *args: calls.append(1))
+    model.generate(pixel_values=study_batch(), max_length=8)
+    assert calls == []
+    model(pixel_values=study_batch(), labels=report_labels())
+    assert calls == [1]
+
+
+def test_loss_with_num_items_in_batch_sums_to_the_full_batch_loss():
+    model = tiny_model().eval()
+    pixel_values = study_batch(batch_size=4)
+    labels = report_labels(batch_size=4)
+    labels[0, 5:] = -100  # uneven lengths: mean-of-means would differ from the token mean
+    full_loss = model(pixel_values=pixel_values, labels=labels).loss
+    num_items_in_batch = (labels != -100).sum()
+    accumulated = sum(
+        model(pixel_values=pixel_values[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=num_items_in_batch).loss
+        for i in (0, 2)
+    )
+    torch.testing.assert_close(accumulated, full_loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model()
+    pixel_values, labels = study_batch(), report_labels()
+    model.train()
+    model(pixel_values=pixel_values, labels=labels).loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.decoder.layers)
+    model(pixel_values=pixel_values, labels=labels).loss.backward()
+    for name, gradient in reference.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, gradient, msg=name)
+
+
+def test_sdpa_and_eager_models_agree():
+    eager = tiny_model(attn_implementation="eager").eval()
+    sdpa = tiny_model(attn_implementation="sdpa").eval()
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    labels = report_labels()
+    torch.testing.assert_close(
+        eager(pixel_values=study_batch(), labels=labels).logits, sdpa(pixel_values=study_batch(), labels=labels).logits
+    )
+
+
+@pytest.mark.parametrize(
+    "pixel_values, message",
+    [
+        (torch.randn(2, 3, 3, 64, 64), "2 view"),
+        (torch.randn(0, 2, 3, 64, 64), "empty batch"),
+        (torch.randn(2, 3, 64, 64), "shape"),
+        (None, "pixel_values"),
+    ],
+)
+def test_bad_pixel_values_raise_a_clear_error(pixel_values, message):
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match=message):
+        model.generate(pixel_values=pixel_values) if pixel_values is not None else model(labels=report_labels())
+
+
+def test_visual_extractor_loads_a_local_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_config()
+    torch.manual_seed(5)
+    source = CdanVisualExtractor(config)
+    save_file(source.backbone.state_dict(), tmp_path / "backbone.safetensors")
+    model = CdanForConditionalGeneration.from_backbone_pretrained(
+        config, weights_path=tmp_path / "backbone.safetensors"
+    )
+    for name, tensor in source.backbone.state_dict().items():
+        torch.testing.assert_close(model.model.encoder.visual_extractor.backbone.state_dict()[name], tensor)
+
+
+def test_visual_extractor_weights_of_another_architecture_are_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
+    extractor = CdanVisualExtractor(tiny_config())
+    with pytest.raises(ValueError, match="do not fit"):
+        extractor.load_pretrained_weights(tmp_path / "other.safetensors")
+
+
+def test_missing_visual_extractor_weights_file_names_the_path(tmp_path):
+    extractor = CdanVisualExtractor(tiny_config())
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        extractor.load_pretrained_weights(tmp_path / "nowhere.safetensors")
+
+
+def test_offline_download_failure_says_how_to_pass_local_weights(monkeypatch):
+    import timm
+
+    extractor = CdanVisualExtractor(tiny_config())
+
+    def offline_create_model(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise ConnectionError("no network")
+        return timm.models.create_model(*args, **kwargs)
+
+    monkeypatch.setattr("modeling_cdan.timm.create_model", offline_create_model)
+    with pytest.raises(OSError, match="visual_extractor_weights"):
+        extractor.load_pretrained_weights()
