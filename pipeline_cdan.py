@@ -1,0 +1,234 @@
+"""`pipeline("image-to-text")` for CDAN checkpoints, and the Hub-ready checkpoint folder.
+
+Transformers 5.x removed its stock image-to-text pipeline (the task name now redirects to image-text-to-text, which
+needs a prompt). CDAN checkpoints therefore carry their own pipeline: [`CdanReportPipeline`] is registered for the
+`image-to-text` task and saved into the checkpoint's `custom_pipelines`, so that
+
+```python
+>>> from transformers import pipeline
+>>> reporter = pipeline("image-to-text", model="path/or/hub-id", trust_remote_code=True)
+>>> reporter("frontal.png")                          # one single-view study
+[{'generated_text': 'the heart is normal in size . ...'}]
+>>> reporter(("frontal.png", "lateral.png"))         # one study given as several views (a tuple)
+>>> reporter(["a.png", ("b_pa.png", "b_lat.png")])   # a batch: one result list per study
+```
+
+References: the custom-pipeline mechanism of `transformers.pipelines` (`PIPELINE_REGISTRY`, `custom_pipelines` in
+`config.json`), and `huggingface_hub` model cards.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from transformers import AutoModelForImageTextToText, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+
+MIN_TRANSFORMERS_VERSION = "5.0.0"
+
+STUDY_KEYS = ("images", "views")
+
+
+class CdanReportPipeline(Pipeline):
+    """
+    Writes a draft findings report for each chest X-ray study.
+
+    Inputs:
+        - an image (file path, `PIL.Image.Image` or array): one study with one view;
+        - a tuple of images, or a dict `{"images": [...]}`: one study given as several views;
+        - a list whose items are any of the above: a batch of studies.
+
+    A study with fewer views than the model reads is handled by the image processor (a single view is repeated when
+    `repeat_single_view` is on); any other mismatch raises `ValueError`.
+
+    Returns:
+        `[{"generated_text": report}]` for one study, and a list of those for a list of studies.
+
+    Generation parameters (`num_beams`, `max_length`, `no_repeat_ngram_size`, `do_sample`, ...) may be passed at
+    construction or per call; by default the checkpoint's `generation_config.json` applies (beam 3, 60 tokens).
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _pipeline_calls_generate = True
+
+    def _sanitize_parameters(self, generate_kwargs: dict | None = None, **generation_parameters):
+        forward_params = {"generate_kwargs": {**(generate_kwargs or {}), **generation_parameters}}
+        return {}, forward_params, {}
+
+    def __call__(self, inputs: Any = None, **kwargs) -> list:
+        if inputs is None or (isinstance(inputs, (list, tuple, dict)) and len(inputs) == 0):
+            raise ValueError("No image given: pass an image path, a PIL image, a tuple of views or a list of studies.")
+        return super().__call__(inputs, **kwargs)
+
+    @staticmethod
+    def study_views(study: Any) -> list:
+        """The views of one study as a list, from an image, a tuple/list of images or a `{"images": ...}` dict."""
+        if isinstance(study, dict):
+            views = next((study[key] for key in STUDY_KEYS if key in study), None)
+            if views is None:
+                raise ValueError(f"A study given as a dict needs an 'images' entry; got keys {sorted(study)}.")
+            return list(views) if isinstance(views, (list, tuple)) else [views]
+        if isinstance(study, (list, tuple)):
+            return list(study)
+        return [study]
+
+    def preprocess(self, study: Any) -> dict[str, torch.Tensor]:
+        views = self.study_views(study)
+        if not views:
+            raise ValueError("A study with no image was given.")
+        pixel_values = self.processor(images=[views], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values.to(self.dtype or torch.float32)}
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None) -> dict:
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
+        return {"generated_ids": self.model.generate(**model_inputs, **generate_kwargs)}
+
+    def postprocess(self, model_outputs: dict) -> list[dict[str, str]]:
+        reports = self.processor.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
+        return [{"generated_text": report} for report in reports]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """
+        Save everything a Hub repository needs: `config.json` with `auto_map` and `custom_pipelines`, safetensors
+        weights, `generation_config.json`, the processor and tokenizer files, the remote-code files
+        (`configuration_cdan.py`, `modeling_cdan.py`, `processing_cdan.py`, `pipeline_cdan.py`) and a model card.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            kwargs: passed to `model.save_pretrained` (for example `max_shard_size`); `model_card_kwargs` (a dict)
+                is passed to [`build_model_card`].
+        """
+        model_card_kwargs = kwargs.pop("model_card_kwargs", None) or {}
+        super().save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+        build_model_card(self.model, **model_card_kwargs).save(os.path.join(save_directory, "README.md"))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload CDAN report generator",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        model_card_kwargs: dict | None = None,
+    ):
+        """
+        Publish the folder written by [`~CdanReportPipeline.save_pretrained`] to the Hugging Face Hub, model card
+        included (the generic `push_to_hub` would replace it by a template).
+        """
+        api = HfApi(token=token if isinstance(token, str) else None)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, model_card_kwargs=model_card_kwargs)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=work_dir,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def build_model_card(
+    model,
+    metrics: dict[str, float] | None = None,
+    dataset: str | None = None,
+    license: str = "apache-2.0",
+    base_model: str | None = None,
+) -> ModelCard:
+    """
+    A model card for a CDAN checkpoint, with the Hub metadata the `image-to-text` widget and search need.
+
+    Args:
+        model (`CdanForConditionalGeneration`): the model being saved.
+        metrics (`dict[str, float]`, *optional*): test-split scores (e.g. `{"BLEU-4": 0.179}`), when known.
+        dataset (`str`, *optional*): the training data set, e.g. `"iu_xray"`.
+        license (`str`, *optional*): licence identifier of the weights. Models trained on IU X-Ray text inherit
+            its CC BY-NC-ND 4.0 terms: pass `"cc-by-nc-nd-4.0"` for them.
+        base_model (`str`, *optional*): Hub id of the model this one was fine-tuned from.
+    """
+    config = model.config
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-to-text",
+        license=license,
+        tags=["radiology-report-generation", "chest-x-ray", "cdan", "custom_code"],
+        datasets=[dataset] if dataset else None,
+        base_model=base_model,
+    )
+    if metrics:
+        card_data.metrics = sorted(metrics)
+    metric_rows = (
+        "\n".join(f"| {name} | {value:.3f} |" for name, value in metrics.items())
+        if metrics
+        else "| (not evaluated yet) | |"
+    )
+    ablation = {
+        (False, False): "BASE",
+        (True, False): "+RA",
+        (False, True): "+SC",
+        (True, True): "+RA+SC",
+    }[(config.use_reverse_attention, config.use_semantic_consistency)]
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# CDAN chest X-ray report generator
+
+A Cross-modal Discrepancy Attention Network (Chen, Huang & Tan, 2025) that writes a draft *findings* section from
+{config.num_views} chest X-ray view(s) per study. It is a research model: its reports are drafts for a radiologist to
+check, not diagnoses.
+
+- Visual extractor: `{config.visual_extractor}` at {config.image_size} px, {config.num_views} view(s) per study
+- Configuration: {ablation} (reverse attention: {config.use_reverse_attention}, semantic consistency:
+  {config.use_semantic_consistency}), d_model {config.d_model}, {config.encoder_layers} encoder and
+  {config.decoder_layers} decoder layers
+- Training data: {dataset or "not recorded"}
+- Requires `transformers>={MIN_TRANSFORMERS_VERSION}`, `timm`, and `trust_remote_code=True`
+
+## Use
+
+```python
+from transformers import pipeline
+
+reporter = pipeline("image-to-text", model="<this repo>", trust_remote_code=True)
+reporter(("frontal.png", "lateral.png"))  # one study, several views
+```
+
+## Test-split metrics
+
+| metric | value |
+|---|---|
+{metric_rows}
+"""
+    return ModelCard(content)
+
+
+def save_checkpoint(model, processor, save_directory: str | os.PathLike, **model_card_kwargs) -> Path:
+    """
+    Write a complete, Hub-ready CDAN checkpoint folder (see [`CdanReportPipeline.save_pretrained`]).
+
+    Args:
+        model (`CdanForConditionalGeneration`): the trained model.
+        processor (`CdanProcessor`): its processor (image processor and tokenizer).
+        save_directory (`str` or `os.PathLike`): the folder to write.
+        model_card_kwargs: passed to [`build_model_card`] (`metrics`, `dataset`, `license`, `base_model`).
+    """
+    reporter = CdanReportPipeline(model=model, processor=processor, device=model.device)
+    reporter.save_pretrained(save_directory, model_card_kwargs=model_card_kwargs)
+    return Path(save_directory)
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    "image-to-text", pipeline_class=CdanReportPipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
+)
+
+__all__ = ["CdanReportPipeline", "build_model_card", "save_checkpoint"]

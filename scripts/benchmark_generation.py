@@ -1,0 +1,497 @@
+"""Benchmark CPU report generation of CDAN against a stock ResNet-101 + BERT stack of the same size.
+
+Both stacks are randomly initialised (weights do not change the speed) and write exactly 60-token reports (the start
+token plus 59 generated tokens) from two 224 px views per study, with the stock `GenerationMixin.generate()`:
+
+* CDAN: `CdanForConditionalGeneration(CdanConfig())` (timm ResNet-101, reverse attention, 3 + 3 layers of width 512).
+* Stock: `transformers.ResNetModel` (ResNet-101) on both views, a Linear 2048 -> 512, and a 3-layer
+  `BertLMHeadModel` decoder (width 512, 8 heads, FFN 2048, vocabulary 764) cross-attending to the 98 patch tokens.
+
+Each (stack, batch, beams, cache) setting runs in a fresh subprocess (the script re-invokes itself with
+`--single_setting`), so its peak resident memory (`ru_maxrss`) is its own. A setting is warmed up once, then timed
+over `--repeats` `generate()` calls; forward hooks time the visual extractor inside those calls. Run:
+
+    python scripts/benchmark_generation.py                                        # full matrix (about 13 min, 2 cores)
+    python scripts/benchmark_generation.py --batch_sizes 8 --beams 3 --cache on    # the headline setting only
+    python scripts/benchmark_generation.py --stacks cdan --batch_sizes 1 --repeats 1  # a quick check
+    python scripts/benchmark_generation.py --output_json outputs/my_run.json --threads 4
+
+Forcing 60 tokens: `max_length=60, min_length=60`. For CDAN (encoder-decoder) both lengths count the decoder start
+token, for BERT (decoder-only) they count the one-token `<bos>` prompt, so both generate 59 new tokens. `min_length`
+adds `MinLengthLogitsProcessor`, which sets the `<eos>` score to -inf while the sequence is shorter than 60, i.e. at
+every step, so no hypothesis ever finishes early. The script checks that every returned sequence has length 60 and
+contains no `<eos>`.
+
+Stock BERT under `generate()` (checked against the installed transformers 5.23 source):
+
+* `encoder_hidden_states` is passed as a generate keyword: it is a model kwarg, which `_expand_inputs_for_generation`
+  `repeat_interleave`s over beams (every tensor in `model_kwargs` is expanded), and the generic
+  `prepare_inputs_for_generation` forwards it to every step. No manual expansion is needed.
+* `BertLMHeadModel` is decoder-only (`is_encoder_decoder=False`), so `_prepare_cache_for_generation` gives it a plain
+  `DynamicCache`, and `BertCrossAttention` then fails on `past_key_values.is_updated` (`DynamicCache` has no such
+  attribute). `BertModel` builds an `EncoderDecoderCache` only when it receives no cache at all. With
+  `use_cache=True` the benchmark therefore passes `past_key_values=EncoderDecoderCache(DynamicCache(),
+  DynamicCache())` to `generate()`; beam search reorders both of its halves with `EncoderDecoderCache.reorder_cache`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configuration_cdan import CdanConfig  # noqa: E402
+from modeling_cdan import CdanForConditionalGeneration  # noqa: E402
+
+
+REPORT_LENGTH = 60
+"""Sequence length of every report, start token included (`max_length = min_length = 60`)."""
+
+GENERATED_TOKENS = REPORT_LENGTH - 1
+"""Tokens written by `generate()` per report: 59 after the start / `<bos>` token."""
+
+NUM_VIEWS, IMAGE_SIZE = 2, 224
+PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
+
+STACK_LABELS = {"cdan": "CDAN", "stock": "stock ResNet-101+BERT"}
+
+TARGETS = {
+    "cdan_vs_stock_ratio": 1.0,
+    "cache_speedup": 3.0,
+    "extractor_share": 0.60,
+    "peak_rss_mb": 2048.0,
+}
+"""Targets of the summary: CDAN/stock >= 1.0, cached/uncached >= 3x, extractor share >= 60 %, peak RSS <= 2048 MB."""
+
+STOCK_REFERENCE_REPORTS_PER_SECOND = 3.3
+"""Beam-3, batch-8, cached reports/s of the stock stack measured earlier on these 2-core machines."""
+
+
+class StockResnetBertReportGenerator(nn.Module):
+    """
+    The reference "stock transformers" stack: HF ResNet-101 patch features of each view, stacked along the token axis
+    (2 x 7 x 7 = 98 tokens), projected to 512 and cross-attended by a 3-layer `BertLMHeadModel` decoder.
+
+    Args:
+        vocab_size (`int`): report vocabulary size.
+        hidden_size (`int`): decoder width.
+        num_layers (`int`): decoder layers.
+        num_heads (`int`): decoder attention heads.
+        ffn_dim (`int`): decoder feed-forward width.
+    """
+
+    def __init__(
+        self, vocab_size: int = 764, hidden_size: int = 512, num_layers: int = 3, num_heads: int = 8, ffn_dim: int = 2048
+    ):
+        super().__init__()
+        from transformers import BertConfig, BertLMHeadModel, ResNetConfig, ResNetModel
+
+        resnet_config = ResNetConfig(
+            layer_type="bottleneck",
+            depths=[3, 4, 23, 3],
+            hidden_sizes=[256, 512, 1024, 2048],
+            embedding_size=64,
+        )
+        self.visual_extractor = ResNetModel(resnet_config)
+        self.visual_projection = nn.Linear(resnet_config.hidden_sizes[-1], hidden_size)
+        self.decoder_config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=ffn_dim,
+            is_decoder=True,
+            add_cross_attention=True,
+            pad_token_id=PAD_TOKEN_ID,
+            bos_token_id=BOS_TOKEN_ID,
+            eos_token_id=EOS_TOKEN_ID,
+        )
+        self.decoder = BertLMHeadModel(self.decoder_config)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, V, 3, H, W)` -> projected patch tokens `(B, V*h*w, hidden_size)`."""
+        batch_size, num_views = pixel_values.shape[:2]
+        feature_maps = self.visual_extractor(pixel_values.flatten(0, 1)).last_hidden_state  # (B*V, 2048, 7, 7)
+        patches = feature_maps.flatten(2).transpose(1, 2)  # (B*V, 49, 2048)
+        patches = patches.reshape(batch_size, num_views * patches.shape[1], patches.shape[2])  # (B, 98, 2048)
+        return self.visual_projection(patches)  # (B, 98, 512)
+
+    def generate(self, pixel_values: torch.Tensor, use_cache: bool = True, **generate_kwargs) -> torch.Tensor:
+        """Encode the views once, then run BERT's stock `generate()` from a `<bos>` prompt."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        encoder_hidden_states = self.encode(pixel_values)
+        batch_size = pixel_values.shape[0]
+        input_ids = torch.full((batch_size, 1), BOS_TOKEN_ID, dtype=torch.long, device=pixel_values.device)
+        cache_kwargs = {}
+        if use_cache:  # generate() would create a plain DynamicCache, which BertCrossAttention cannot use
+            cache_kwargs["past_key_values"] = EncoderDecoderCache(
+                DynamicCache(config=self.decoder_config), DynamicCache(config=self.decoder_config)
+            )
+        return self.decoder.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            encoder_hidden_states=encoder_hidden_states,  # expanded over beams by generate() itself
+            use_cache=use_cache,
+            **cache_kwargs,
+            **generate_kwargs,
+        )
+
+
+class ModuleTimer:
+    """Wall-clock time spent inside one module's `forward`, accumulated over calls through forward hooks."""
+
+    def __init__(self, module: nn.Module):
+        self.seconds = 0.0
+        self.calls = 0
+        self._start: float | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._before),
+            module.register_forward_hook(self._after),
+        ]
+
+    def _before(self, module: nn.Module, args) -> None:
+        self._start = time.perf_counter()
+
+    def _after(self, module: nn.Module, args, output) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (`ru_maxrss` is in KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def build_stack(stack: str) -> tuple[nn.Module, nn.Module]:
+    """The model of `stack` in eval mode, and its visual extractor module (the one timed by hooks)."""
+    if stack == "cdan":
+        model = CdanForConditionalGeneration(CdanConfig()).eval()
+        return model, model.model.encoder.visual_extractor
+    if stack == "stock":
+        model = StockResnetBertReportGenerator().eval()
+        return model, model.visual_extractor
+    raise ValueError(f"Unknown stack {stack!r}; choose one of {list(STACK_LABELS)}.")
+
+
+def generate_reports(model: nn.Module, pixel_values: torch.Tensor, num_beams: int, use_cache: bool, length: int):
+    """One `generate()` call forced to exactly `length` tokens (start token included), greedy or beam search."""
+    return model.generate(
+        pixel_values=pixel_values,
+        max_length=length,
+        min_length=length,  # MinLengthLogitsProcessor: <eos> gets -inf until the length is reached
+        num_beams=num_beams,
+        num_return_sequences=1,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+
+
+def check_full_length(sequences: torch.Tensor, batch_size: int) -> None:
+    """Every report has exactly `REPORT_LENGTH` tokens and no `<eos>` (so none stopped early and was padded)."""
+    if tuple(sequences.shape) != (batch_size, REPORT_LENGTH):
+        raise RuntimeError(f"Expected sequences of shape {(batch_size, REPORT_LENGTH)}, got {tuple(sequences.shape)}.")
+    if (sequences[:, 1:] == EOS_TOKEN_ID).any():
+        raise RuntimeError("A generated report contains <eos>: min_length did not suppress it.")
+
+
+def run_single_setting(
+    stack: str, batch_size: int, num_beams: int, use_cache: bool, repeats: int, threads: int, seed: int
+) -> dict:
+    """Build one stack, warm it up once and time `repeats` generate() calls; runs inside its own subprocess."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    build_start = time.perf_counter()
+    model, visual_extractor = build_stack(stack)
+    build_seconds = time.perf_counter() - build_start
+    rss_after_build_mb = peak_rss_mb()
+    pixel_values = torch.randn(batch_size, NUM_VIEWS, 3, IMAGE_SIZE, IMAGE_SIZE)
+    timer = ModuleTimer(visual_extractor)
+
+    with torch.inference_mode():
+        warmup_start = time.perf_counter()
+        check_full_length(generate_reports(model, pixel_values, num_beams, use_cache, REPORT_LENGTH), batch_size)
+        warmup_seconds = time.perf_counter() - warmup_start
+        timer.reset()
+        run_seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sequences = generate_reports(model, pixel_values, num_beams, use_cache, REPORT_LENGTH)
+            run_seconds.append(time.perf_counter() - start)
+            check_full_length(sequences, batch_size)
+    timer.remove()
+    if timer.calls != repeats:
+        raise RuntimeError(f"The visual extractor ran {timer.calls} times in {repeats} generate() calls.")
+
+    total_seconds = sum(run_seconds)
+    return {
+        "stack": stack,
+        "batch_size": batch_size,
+        "num_beams": num_beams,
+        "use_cache": use_cache,
+        "repeats": repeats,
+        "threads": threads,
+        "seconds_per_generate": total_seconds / repeats,
+        "run_seconds": run_seconds,
+        "reports_per_second": batch_size * repeats / total_seconds,
+        "tokens_per_second": batch_size * GENERATED_TOKENS * repeats / total_seconds,
+        "hypothesis_tokens_per_second": batch_size * num_beams * GENERATED_TOKENS * repeats / total_seconds,
+        "extractor_seconds": timer.seconds,
+        "total_seconds": total_seconds,
+        "extractor_share": timer.seconds / total_seconds,
+        "warmup_seconds": warmup_seconds,
+        "build_seconds": build_seconds,
+        "rss_after_build_mb": rss_after_build_mb,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_in_subprocess(
+    stack: str, batch_size: int, num_beams: int, use_cache: bool, repeats: int, threads: int, seed: int
+) -> dict:
+    """Run one setting in a fresh interpreter, so `ru_maxrss` covers that setting only; read its JSON back."""
+    with tempfile.TemporaryDirectory() as directory:
+        result_path = Path(directory) / "result.json"
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--single_setting",
+            f"{stack},{batch_size},{num_beams},{'on' if use_cache else 'off'}",
+            "--repeats",
+            str(repeats),
+            "--threads",
+            str(threads),
+            "--seed",
+            str(seed),
+            "--result_json",
+            str(result_path),
+        ]
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
+        completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"Setting {command[3]} failed:\n{completed.stderr[-4000:]}")
+        return json.loads(result_path.read_text())
+
+
+def find_row(rows: list[dict], stack: str, batch_size: int, num_beams: int, use_cache: bool) -> dict | None:
+    for row in rows:
+        if (row["stack"], row["batch_size"], row["num_beams"], row["use_cache"]) == (
+            stack,
+            batch_size,
+            num_beams,
+            use_cache,
+        ):
+            return row
+    return None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| stack | batch | beams | cache | reports/s | tokens/s | extractor share | peak RSS MB |"
+    lines = [header, "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {STACK_LABELS[row['stack']]} | {row['batch_size']} | {row['num_beams']} | "
+            f"{'on' if row['use_cache'] else 'off'} | {row['reports_per_second']:.2f} | "
+            f"{row['tokens_per_second']:.1f} | {100 * row['extractor_share']:.1f} % | {row['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The four headline numbers (beam 3, batch 8) with their targets; `None` where a setting was not run."""
+    cdan_cached = find_row(rows, "cdan", 8, 3, True)
+    cdan_uncached = find_row(rows, "cdan", 8, 3, False)
+    stock_cached = find_row(rows, "stock", 8, 3, True)
+    cdan_batch8 = [row for row in rows if row["stack"] == "cdan" and row["batch_size"] == 8]
+
+    def verdict(value: float | None, target: float, at_least: bool) -> str:
+        if value is None:
+            return "n/a"
+        return "PASS" if (value >= target if at_least else value <= target) else "FAIL"
+
+    ratio = (
+        cdan_cached["reports_per_second"] / stock_cached["reports_per_second"]
+        if cdan_cached and stock_cached
+        else None
+    )
+    speedup = (
+        cdan_cached["reports_per_second"] / cdan_uncached["reports_per_second"]
+        if cdan_cached and cdan_uncached
+        else None
+    )
+    share = cdan_cached["extractor_share"] if cdan_cached else None
+    peak = max(row["peak_rss_mb"] for row in cdan_batch8) if cdan_batch8 else None
+    return {
+        "a_cdan_vs_stock": {
+            "cdan_reports_per_second": cdan_cached["reports_per_second"] if cdan_cached else None,
+            "stock_reports_per_second": stock_cached["reports_per_second"] if stock_cached else None,
+            "stock_reference_reports_per_second": STOCK_REFERENCE_REPORTS_PER_SECOND,
+            "ratio": ratio,
+            "target": f">= {TARGETS['cdan_vs_stock_ratio']}",
+            "verdict": verdict(ratio, TARGETS["cdan_vs_stock_ratio"], at_least=True),
+        },
+        "b_cdan_cache_speedup": {
+            "cached_reports_per_second": cdan_cached["reports_per_second"] if cdan_cached else None,
+            "uncached_reports_per_second": cdan_uncached["reports_per_second"] if cdan_uncached else None,
+            "speedup": speedup,
+            "target": f">= {TARGETS['cache_speedup']}x",
+            "verdict": verdict(speedup, TARGETS["cache_speedup"], at_least=True),
+        },
+        "c_cdan_extractor_share": {
+            "share": share,
+            "target": f">= {100 * TARGETS['extractor_share']:.0f} %",
+            "verdict": verdict(share, TARGETS["extractor_share"], at_least=True),
+        },
+        "d_cdan_peak_rss_batch8_mb": {
+            "peak_rss_mb": peak,
+            "settings": len(cdan_batch8),
+            "target": f"<= {TARGETS['peak_rss_mb']:.0f} MB",
+            "verdict": verdict(peak, TARGETS["peak_rss_mb"], at_least=False),
+        },
+    }
+
+
+def format_summary(summary: dict) -> str:
+    def number(value: float | None, pattern: str) -> str:
+        return "n/a" if value is None else format(value, pattern)
+
+    a, b = summary["a_cdan_vs_stock"], summary["b_cdan_cache_speedup"]
+    c, d = summary["c_cdan_extractor_share"], summary["d_cdan_peak_rss_batch8_mb"]
+    return "\n".join(
+        [
+            "Summary (beam 3, batch 8):",
+            f"(a) CDAN cached {number(a['cdan_reports_per_second'], '.2f')} reports/s vs stock "
+            f"{number(a['stock_reports_per_second'], '.2f')} reports/s (earlier reference "
+            f"~{a['stock_reference_reports_per_second']}): ratio {number(a['ratio'], '.2f')}  "
+            f"[target {a['target']}: {a['verdict']}]",
+            f"(b) CDAN cached {number(b['cached_reports_per_second'], '.2f')} vs uncached "
+            f"{number(b['uncached_reports_per_second'], '.2f')} reports/s: speed-up {number(b['speedup'], '.2f')}x  "
+            f"[target {b['target']}: {b['verdict']}]",
+            f"(c) CDAN extractor share, cached: {number(None if c['share'] is None else 100 * c['share'], '.1f')} %  "
+            f"[target {c['target']}: {c['verdict']}]",
+            f"(d) CDAN peak RSS at batch 8 (max over {d['settings']} settings): "
+            f"{number(d['peak_rss_mb'], '.0f')} MB  [target {d['target']}: {d['verdict']}]",
+        ]
+    )
+
+
+def environment_info(threads: int) -> dict:
+    import timm
+    import transformers
+
+    cpu_name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "cpu": cpu_name,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "report_length": REPORT_LENGTH,
+        "generated_tokens_per_report": GENERATED_TOKENS,
+        "num_views": NUM_VIEWS,
+        "image_size": IMAGE_SIZE,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stacks", nargs="+", default=["cdan", "stock"], choices=list(STACK_LABELS))
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--beams", nargs="+", type=int, default=[1, 3])
+    parser.add_argument("--cache", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed generate() calls per setting (default: 1 at batch >= 32, else 2)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every setting")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default="outputs/benchmark_generation.json")
+    parser.add_argument("--single_setting", default=None, help=argparse.SUPPRESS)  # "stack,batch,beams,on|off"
+    parser.add_argument("--result_json", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    if args.single_setting is not None:  # child process: one setting, result as JSON
+        stack, batch_size, num_beams, cache = args.single_setting.split(",")
+        result = run_single_setting(
+            stack, int(batch_size), int(num_beams), cache == "on", args.repeats or 1, args.threads, args.seed
+        )
+        Path(args.result_json).write_text(json.dumps(result))
+        return
+
+    benchmark_start = time.perf_counter()
+    rows = []
+    for stack in args.stacks:
+        for batch_size in args.batch_sizes:
+            for num_beams in args.beams:
+                for cache in args.cache:
+                    repeats = args.repeats or (1 if batch_size >= 32 else 2)
+                    use_cache = cache == "on"
+                    setting_start = time.perf_counter()
+                    row = run_in_subprocess(stack, batch_size, num_beams, use_cache, repeats, args.threads, args.seed)
+                    rows.append(row)
+                    print(
+                        f"[{time.perf_counter() - benchmark_start:7.1f} s] {STACK_LABELS[stack]:<22} batch {batch_size:>2} "
+                        f"beams {num_beams} cache {cache:<3}: {row['reports_per_second']:6.2f} reports/s, "
+                        f"extractor {100 * row['extractor_share']:5.1f} %, peak RSS {row['peak_rss_mb']:6.0f} MB "
+                        f"(setting took {time.perf_counter() - setting_start:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    runtime_seconds = time.perf_counter() - benchmark_start
+    summary = summarize(rows)
+    print(markdown_table(rows))
+    print()
+    print(format_summary(summary))
+    print(f"\nTotal runtime: {runtime_seconds:.0f} s ({args.threads} threads)")
+
+    output_path = Path(args.output_json)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    output_path.write_text(
+        json.dumps(
+            {"environment": environment_info(args.threads), "runtime_seconds": runtime_seconds, "rows": rows,
+             "summary": summary},
+            indent=2,
+        )
+    )
+    print(f"Wrote {output_path}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["ModuleTimer", "StockResnetBertReportGenerator", "run_single_setting", "summarize"]
