@@ -610,6 +610,7 @@ class CdanEncoder(CdanPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -618,15 +619,24 @@ class CdanEncoder(CdanPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_views, 3, height, width)`):
             Processed views of each study (see [`CdanImageProcessor`]).
+        visual_features (`torch.FloatTensor` of shape `(batch_size, num_patches, num_features)`, *optional*):
+            Precomputed output of the visual extractor, used instead of `pixel_values` when the extractor is frozen
+            and its features are cached.
         output_attentions (`bool`, *optional*):
             Return the positive and negative attention weights of the reverse-attention module.
         output_hidden_states (`bool`, *optional*):
             Return the input and output of every encoder layer.
         """
-        pixel_values = self.check_pixel_values(pixel_values)
         output_attentions = bool(output_attentions)
-        patch_features = self.visual_extractor(pixel_values.to(self.visual_projection.weight.dtype))  # Eq. (4): u
-        u = self.visual_projection(patch_features)  # (B, N, d_model)
+        if visual_features is None:
+            pixel_values = self.check_pixel_values(pixel_values)
+            visual_features = self.visual_extractor(pixel_values.to(self.visual_projection.weight.dtype))  # Eq. (4)
+        elif visual_features.ndim != 3 or visual_features.shape[-1] != self.visual_extractor.num_features:
+            raise ValueError(
+                f"`visual_features` must have shape (batch, patches, {self.visual_extractor.num_features}); got "
+                f"{tuple(visual_features.shape)}."
+            )
+        u = self.visual_projection(visual_features.to(self.visual_projection.weight.dtype))  # (B, N, d_model)
 
         disease_logits = positive_weights = negative_weights = None
         if self.reverse_attention is not None:
@@ -780,11 +790,13 @@ class CdanModel(CdanPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        visual_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqModelOutput:
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 pixel_values=pixel_values,
+                visual_features=visual_features,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
             )
@@ -842,6 +854,8 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             nn.Linear(config.d_model, config.semantic_dim) if config.use_semantic_consistency else None
         )
         self.loss_type = "ForMaskedLM"  # labels are already aligned with the right-shifted decoder inputs
+        if config.tie_word_embeddings:  # the tied head is not saved; loaders should not report it missing
+            self._keys_to_ignore_on_save = ["lm_head.weight"]
         self.post_init()
         self.generation_config.update(**DEFAULT_GENERATION_KWARGS)
 
@@ -899,6 +913,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        visual_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqLMOutput:
         r"""
@@ -917,6 +932,8 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             Target report tokens ending in `eos`, padded with `-100`.
         output_attentions (`bool`, *optional*):
             Return the positive and negative attention weights.
+        visual_features (`torch.FloatTensor` of shape `(batch_size, num_patches, num_features)`, *optional*):
+            Cached visual-extractor features, used instead of `pixel_values` (frozen-extractor training).
         kwargs:
             `num_items_in_batch` from the Trainer, so the loss is correct under gradient accumulation.
         """
@@ -935,6 +952,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            visual_features=visual_features,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # Eq. (21): p(w_t | w_<t, u_s), (B, T, vocab_size)
 

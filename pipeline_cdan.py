@@ -18,6 +18,7 @@ References: the custom-pipeline mechanism of `transformers.pipelines` (`PIPELINE
 """
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,11 @@ class CdanReportPipeline(Pipeline):
                 is passed to [`build_model_card`].
         """
         model_card_kwargs = kwargs.pop("model_card_kwargs", None) or {}
-        super().save_pretrained(save_directory, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        register_pipeline_in_config(self.model.config)
+        self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
-        build_model_card(self.model, **model_card_kwargs).save(os.path.join(save_directory, "README.md"))
+        write_pipeline_files(save_directory, self.model, **model_card_kwargs)
 
     def push_to_hub(
         self,
@@ -227,8 +230,34 @@ def save_checkpoint(model, processor, save_directory: str | os.PathLike, **model
     return Path(save_directory)
 
 
+def register_pipeline_in_config(config) -> None:
+    """Record [`CdanReportPipeline`] as the checkpoint's `image-to-text` pipeline in `config.custom_pipelines`."""
+    config.custom_pipelines = {
+        "image-to-text": {
+            "impl": f"{Path(__file__).stem}.{CdanReportPipeline.__name__}",
+            "pt": [AutoModelForImageTextToText.__name__],
+            "type": "multimodal",
+        }
+    }
+
+
+def write_pipeline_files(save_directory: str | os.PathLike, model, **model_card_kwargs) -> None:
+    """
+    Add what a saved model and processor still lack to be a Hub repository: `pipeline_cdan.py` (the remote code of
+    the pipeline) and the model card. `config.custom_pipelines` must have been set before the model was saved.
+    """
+    shutil.copy(__file__, Path(save_directory) / Path(__file__).name)
+    build_model_card(model, **model_card_kwargs).save(os.path.join(save_directory, "README.md"))
+
+
 PIPELINE_REGISTRY.register_pipeline(
     "image-to-text", pipeline_class=CdanReportPipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
 )
 
-__all__ = ["CdanReportPipeline", "build_model_card", "save_checkpoint"]
+__all__ = [
+    "CdanReportPipeline",
+    "build_model_card",
+    "register_pipeline_in_config",
+    "save_checkpoint",
+    "write_pipeline_files",
+]

@@ -149,23 +149,24 @@ def test_save_and_load_round_trip_generates_the_same_reports(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.decoder.embed_tokens.weight.data_ptr()
 
 
-def test_negative_attention_weights_are_one_minus_positive_weights():
-    config = tiny_config(renormalize_negative_attention=False)
+def positive_and_negative_weights(renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention weights of a positive and a negative attention that share their projections, over 8 tokens."""
+    config = tiny_config(renormalize_negative_attention=renormalize)
     positive, negative = CdanAttention(config, 32, 4), CdanNegativeAttention(config, 32, 4)
     negative.load_state_dict(positive.state_dict())
     features = torch.randn(2, 8, 32)
     _, positive_weights = positive(features, features, output_attentions=True)
     _, negative_weights = negative(features, features, output_attentions=True)
+    return positive_weights, negative_weights
+
+
+def test_negative_attention_weights_are_one_minus_positive_weights():
+    positive_weights, negative_weights = positive_and_negative_weights(renormalize=False)
     torch.testing.assert_close(negative_weights, 1.0 - positive_weights)
 
 
 def test_renormalised_negative_attention_rows_sum_to_one():
-    config = tiny_config(renormalize_negative_attention=True)
-    positive, negative = CdanAttention(config, 32, 4), CdanNegativeAttention(config, 32, 4)
-    negative.load_state_dict(positive.state_dict())
-    features = torch.randn(2, 8, 32)
-    _, positive_weights = positive(features, features, output_attentions=True)
-    _, negative_weights = negative(features, features, output_attentions=True)
+    positive_weights, negative_weights = positive_and_negative_weights(renormalize=True)
     torch.testing.assert_close(negative_weights, (1.0 - positive_weights) / 7)
     torch.testing.assert_close(negative_weights.sum(-1), torch.ones(2, 4, 8))
 
@@ -317,3 +318,14 @@ def test_offline_download_failure_says_how_to_pass_local_weights(monkeypatch):
     monkeypatch.setattr("modeling_cdan.timm.create_model", offline_create_model)
     with pytest.raises(OSError, match="visual_extractor_weights"):
         extractor.load_pretrained_weights()
+
+
+def test_cached_visual_features_give_the_same_outputs_as_pixels():
+    model = tiny_model().eval()
+    pixel_values, labels = study_batch(), report_labels()
+    with torch.no_grad():
+        visual_features = model.model.encoder.visual_extractor(pixel_values)
+        from_pixels = model(pixel_values=pixel_values, labels=labels)
+        from_features = model(visual_features=visual_features, labels=labels)
+    torch.testing.assert_close(from_features.logits, from_pixels.logits)
+    assert torch.equal(model.generate(visual_features=visual_features), model.generate(pixel_values=pixel_values))

@@ -1,0 +1,325 @@
+"""Evaluation of generated radiology reports: COCO-caption NLG metrics, clinical efficacy, and reference points.
+
+- NLG metrics are computed the way the R2Gen family does, with `pycocoevalcap`: BLEU-1..4 (corpus level, with the
+  closest-reference brevity penalty), METEOR 1.5 (Java), ROUGE-L and CIDEr-D, on whitespace-tokenised, cleaned text.
+- Clinical efficacy (CE) runs the rule labeler (`labeler_cdan`) over the generated and the reference reports and
+  compares the 14 CheXpert observations. Positive means the labeler says POSITIVE. UNCERTAIN, NEGATIVE and
+  NOT_MENTIONED count as negative, as in the CE evaluations of R2Gen-family papers. Precision, recall and F1 are
+  given three ways: micro (pooled over all study-observation pairs), macro (mean over the 14 observations) and
+  example-based (mean over studies). The headline is **macro-F1**.
+- Reference points, scored on the same split, so that a metric cannot flatter a model that ignores the image:
+  the most frequent training report, the best constant report (the training report with the highest validation
+  BLEU-4, emitted for every study), and the model's own reports with images shuffled across studies.
+
+References: Chen et al., EMNLP 2020 (R2Gen) and ACL 2021 (R2GenCMN) for the protocol; Lin et al. 2014 (COCO
+captions) for the scorer; Irvin et al., AAAI 2019 (CheXpert) for the observations.
+"""
+
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+
+try:
+    from .configuration_cdan import CHEXPERT_OBSERVATIONS
+    from .labeler_cdan import POSITIVE, label_reports
+except ImportError:
+    from configuration_cdan import CHEXPERT_OBSERVATIONS
+    from labeler_cdan import POSITIVE, label_reports
+
+
+NLG_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+CE_METRICS = ("CE micro-P", "CE micro-R", "CE micro-F1", "CE macro-P", "CE macro-R", "CE macro-F1",
+              "CE example-P", "CE example-R", "CE example-F1")  # fmt: skip
+PAPER_TABLE_COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L")
+
+PUBLISHED_IU_XRAY = {
+    "R2Gen (Chen et al., 2020)": (0.470, 0.304, 0.219, 0.165, 0.187, 0.371),
+    "R2GenCMN (Chen et al., 2021)": (0.475, 0.309, 0.222, 0.170, 0.191, 0.375),
+    "CDAN (Chen, Huang & Tan, 2025)": (0.472, 0.315, 0.230, 0.179, 0.200, 0.386),
+}
+"""Published IU X-Ray test results, in the columns of the paper's Table 1 (PAPER_TABLE_COLUMNS)."""
+
+
+def as_coco(texts: Sequence[str]) -> dict[int, list[str]]:
+    """`pycocoevalcap` wants `{index: [text]}` with non-empty strings."""
+    return {index: [text if text.strip() else "<empty>"] for index, text in enumerate(texts)}
+
+
+def compute_nlg_metrics(
+    references: Sequence[str], predictions: Sequence[str], with_meteor: bool = True
+) -> dict[str, float]:
+    """
+    BLEU-1..4, METEOR, ROUGE-L and CIDEr exactly as `pycocoevalcap` computes them.
+
+    Args:
+        references (`Sequence[str]`): one cleaned reference report per study.
+        predictions (`Sequence[str]`): one generated report per study, in the same order.
+        with_meteor (`bool`, *optional*, defaults to `True`): METEOR starts a Java process; turn it off for fast
+            validation during training.
+    """
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions.")
+    if not references:
+        raise ValueError("No reports to score.")
+    gts, res = as_coco(references), as_coco(predictions)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}
+    if with_meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return scores
+
+
+def positive_sets(reports: Sequence[str]) -> list[set[int]]:
+    """The observations the labeler calls POSITIVE in each report."""
+    return [{index for index, state in enumerate(states) if state == POSITIVE} for states in label_reports(reports)]
+
+
+def precision_recall_f1(true_positives: int, predicted: int, actual: int) -> tuple[float, float, float]:
+    precision = true_positives / predicted if predicted else 0.0
+    recall = true_positives / actual if actual else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def compute_clinical_efficacy(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """
+    CE precision, recall and F1 over the 14 CheXpert observations: micro, macro and example-based.
+
+    Example-based scores count a study with no positive observation in either report as perfect (P = R = F1 = 1).
+    Per-observation F1 values are returned as `CE F1 <observation>`.
+    """
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions.")
+    reference_positives, predicted_positives = positive_sets(references), positive_sets(predictions)
+    scores: dict[str, float] = {}
+
+    pooled = [
+        sum(len(truth & guess) for truth, guess in zip(reference_positives, predicted_positives)),
+        sum(len(guess) for guess in predicted_positives),
+        sum(len(truth) for truth in reference_positives),
+    ]
+    scores["CE micro-P"], scores["CE micro-R"], scores["CE micro-F1"] = precision_recall_f1(*pooled)
+
+    per_observation = []
+    for index, name in enumerate(CHEXPERT_OBSERVATIONS):
+        counts = [
+            sum(index in truth and index in guess for truth, guess in zip(reference_positives, predicted_positives)),
+            sum(index in guess for guess in predicted_positives),
+            sum(index in truth for truth in reference_positives),
+        ]
+        per_observation.append(precision_recall_f1(*counts))
+        scores[f"CE F1 {name}"] = per_observation[-1][2]
+    for position, label in enumerate(("P", "R", "F1")):
+        scores[f"CE macro-{label}"] = sum(values[position] for values in per_observation) / len(per_observation)
+
+    per_example = [
+        (1.0, 1.0, 1.0) if not truth and not guess else precision_recall_f1(len(truth & guess), len(guess), len(truth))
+        for truth, guess in zip(reference_positives, predicted_positives)
+    ]
+    for position, label in enumerate(("P", "R", "F1")):
+        scores[f"CE example-{label}"] = sum(values[position] for values in per_example) / len(per_example)
+    return scores
+
+
+def most_frequent_report(train_reports: Sequence[str]) -> str:
+    """The training report that occurs most often (ties broken by first occurrence)."""
+    return Counter(train_reports).most_common(1)[0][0]
+
+
+def best_constant_report(train_reports: Sequence[str], validation_references: Sequence[str]) -> tuple[str, float]:
+    """
+    The training report that, emitted for every validation study, scores the highest BLEU-4.
+
+    Returns:
+        `(report, validation_bleu4)`.
+    """
+    gts = as_coco(validation_references)
+    best_report, best_bleu4 = "", -1.0
+    for candidate in dict.fromkeys(train_reports):  # unique, in order
+        bleu, _ = Bleu(4).compute_score(gts, as_coco([candidate] * len(validation_references)), verbose=0)
+        if bleu[3] > best_bleu4:
+            best_report, best_bleu4 = candidate, float(bleu[3])
+    return best_report, best_bleu4
+
+
+def shuffled_image_predictions(predictions: Sequence[str], seed: int = 0) -> list[str]:
+    """
+    The model's reports with images shuffled across studies: study `i` receives the report the model wrote for the
+    images of study `permutation[i]`, a random permutation without fixed points. Generation is per study, so this is
+    exactly what generating from shuffled images gives, without a second pass.
+    """
+    if len(predictions) < 2:
+        raise ValueError("Shuffling images needs at least two studies.")
+    order = list(range(len(predictions)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    derangement = order[1:] + order[:1]  # a cyclic shift of a random order has no fixed point
+    permutation = [0] * len(order)
+    for source, target in zip(order, derangement):
+        permutation[source] = target
+    return [predictions[permutation[index]] for index in range(len(predictions))]
+
+
+def score_reports(references: Sequence[str], predictions: Sequence[str], with_meteor: bool = True) -> dict[str, float]:
+    """NLG and CE metrics together."""
+    return {**compute_nlg_metrics(references, predictions, with_meteor), **compute_clinical_efficacy(references, predictions)}
+
+
+def evaluate_with_reference_points(
+    references: Sequence[str],
+    predictions: Sequence[str],
+    train_reports: Sequence[str],
+    validation_references: Sequence[str],
+    seed: int = 0,
+    with_meteor: bool = True,
+) -> dict[str, dict[str, float]]:
+    """
+    Score the model and the three reference points on the same split.
+
+    Returns:
+        `{row_name: metrics}` with rows "CDAN (this run)", "most frequent training report", "best constant report",
+        "CDAN, images shuffled".
+    """
+    frequent = most_frequent_report(train_reports)
+    constant, _ = best_constant_report(train_reports, validation_references)
+    rows = {
+        "CDAN (this run)": predictions,
+        "most frequent training report": [frequent] * len(references),
+        "best constant report": [constant] * len(references),
+        "CDAN, images shuffled": shuffled_image_predictions(predictions, seed),
+    }
+    return {name: score_reports(references, texts, with_meteor) for name, texts in rows.items()}
+
+
+def markdown_table(results: dict[str, dict[str, float]], published: dict[str, Sequence[float]] | None = None) -> str:
+    """A Markdown table with the columns of the paper's Table 1, then CIDEr and the headline CE scores."""
+    columns = (*PAPER_TABLE_COLUMNS, "CIDEr", "CE macro-F1", "CE micro-F1", "CE example-F1")
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, values in (published or {}).items():
+        cells = [f"{value:.3f}" for value in values] + ["–"] * (len(columns) - len(values))
+        lines.append(f"| {name} (published) | " + " | ".join(cells) + " |")
+    for name, metrics in results.items():
+        cells = [f"{metrics[column]:.3f}" if column in metrics else "–" for column in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation(
+    output_dir: str | Path,
+    ids: Sequence[str],
+    references: Sequence[str],
+    predictions: Sequence[str],
+    results: dict[str, dict[str, float]],
+    published: dict[str, Sequence[float]] | None = None,
+) -> dict[str, Path]:
+    """
+    Write `predictions.jsonl` (id, reference, generated), `metrics.json` and `metrics.md`.
+
+    Returns:
+        The paths written, by kind.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "predictions": output_dir / "predictions.jsonl",
+        "metrics": output_dir / "metrics.json",
+        "table": output_dir / "metrics.md",
+    }
+    with paths["predictions"].open("w", encoding="utf-8") as handle:
+        for study_id, reference, generated in zip(ids, references, predictions, strict=True):
+            handle.write(json.dumps({"id": study_id, "reference": reference, "generated": generated}) + "\n")
+    paths["metrics"].write_text(json.dumps(results, indent=2), encoding="utf-8")
+    paths["table"].write_text(markdown_table(results, published), encoding="utf-8")
+    return paths
+
+
+def generate_reports(model, processor, dataset, batch_size: int = 16, **generation_kwargs) -> list[str]:
+    """
+    Generate one report per study of `dataset` (rows with `images`, or cached `visual_features`), in order.
+
+    Args:
+        model (`CdanForConditionalGeneration`): the model.
+        processor (`CdanProcessor`): its processor.
+        dataset (`datasets.Dataset`): the studies.
+        batch_size (`int`, *optional*, defaults to 16): studies per `generate()` call.
+        generation_kwargs: passed to `generate()` (e.g. `num_beams=3, max_length=60`).
+    """
+    model.eval()
+    reports: list[str] = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Generating reports", unit="batch"):
+        rows = dataset[start : start + batch_size]
+        if "visual_features" in rows:
+            inputs = {"visual_features": torch.as_tensor(np.asarray(rows["visual_features"], dtype=np.float32))}
+        else:
+            inputs = {"pixel_values": processor(images=rows["images"], return_tensors="pt")["pixel_values"]}
+        with torch.inference_mode():
+            generated = model.generate(**{key: value.to(model.device) for key, value in inputs.items()}, **generation_kwargs)
+        reports.extend(processor.batch_decode(generated, skip_special_tokens=True))
+    return reports
+
+
+def evaluate_split(
+    model,
+    processor,
+    dataset_dict,
+    output_dir: str | Path,
+    split: str = "test",
+    batch_size: int = 16,
+    seed: int = 0,
+    published: dict[str, Sequence[float]] | None = None,
+    with_meteor: bool = True,
+    **generation_kwargs,
+) -> dict[str, dict[str, float]]:
+    """
+    Generate reports for `split`, score them with the reference points, and write predictions, metrics and table.
+
+    The references are the cleaned `findings` of each study; the reference points use the `train` and `validation`
+    splits of `dataset_dict`.
+    """
+    dataset = dataset_dict[split]
+    predictions = generate_reports(model, processor, dataset, batch_size, **generation_kwargs)
+    references = [processor.clean_report(report) for report in dataset["findings"]]
+    results = evaluate_with_reference_points(
+        references,
+        predictions,
+        train_reports=[processor.clean_report(report) for report in dataset_dict["train"]["findings"]],
+        validation_references=[processor.clean_report(report) for report in dataset_dict["validation"]["findings"]],
+        seed=seed,
+        with_meteor=with_meteor,
+    )
+    write_evaluation(Path(output_dir), dataset["id"], references, predictions, results, published)
+    return results
+
+
+__all__ = [
+    "CE_METRICS",
+    "NLG_METRICS",
+    "PAPER_TABLE_COLUMNS",
+    "PUBLISHED_IU_XRAY",
+    "best_constant_report",
+    "compute_clinical_efficacy",
+    "compute_nlg_metrics",
+    "evaluate_split",
+    "evaluate_with_reference_points",
+    "generate_reports",
+    "markdown_table",
+    "most_frequent_report",
+    "score_reports",
+    "shuffled_image_predictions",
+    "write_evaluation",
+]

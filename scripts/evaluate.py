@@ -1,0 +1,65 @@
+"""Evaluate a CDAN checkpoint on a data set split, next to the paper's Table 1 and three reference points.
+
+    python scripts/evaluate.py --model outputs/demo --dataset_name demo
+    python scripts/evaluate.py --model runs/iu_xray --dataset_name iu_xray --data_dir /data/iu_xray --num_beams 3
+
+Writes `predictions.jsonl` (id, reference, generated), `metrics.json` and `metrics.md` under `--output_dir`
+(default: `<model>/eval_<split>`), and prints the Markdown table: BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical
+efficacy (headline: CE macro-F1) for the model, the most frequent training report, the best constant report, and the
+model with images shuffled across studies. `train.py` runs the same evaluation on the test split after training.
+"""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_cdan import load_cdan_dataset  # noqa: E402
+from evaluation_cdan import PUBLISHED_IU_XRAY, evaluate_split, markdown_table  # noqa: E402
+from modeling_cdan import CdanForConditionalGeneration  # noqa: E402
+from processing_cdan import CdanProcessor  # noqa: E402
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = field(metadata={"help": "A CDAN checkpoint folder (or Hub id)."})
+    dataset_name: str = field(default="demo", metadata={"help": "demo, iu_xray or mimic_cxr."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder with the downloaded data set."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate."})
+    num_beams: int = field(default=3, metadata={"help": "Beam size (the R2Gen family reports beam 3)."})
+    max_length: int | None = field(default=None, metadata={"help": "Longest report; the checkpoint's by default."})
+    batch_size: int = field(default=16, metadata={"help": "Studies per generate() call."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N studies."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where to write; default <model>/eval_<split>."})
+    seed: int = field(default=0, metadata={"help": "Seed of the image-shuffling control."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
+    model = CdanForConditionalGeneration.from_pretrained(args.model).eval()
+    processor = CdanProcessor.from_pretrained(args.model)
+    dataset_dict = load_cdan_dataset(args.dataset_name, data_dir=args.data_dir)
+    if args.max_samples is not None:
+        dataset_dict[args.split] = dataset_dict[args.split].select(range(min(args.max_samples, len(dataset_dict[args.split]))))
+    published = PUBLISHED_IU_XRAY if args.dataset_name == "iu_xray" else None
+    generation_kwargs = {"num_beams": args.num_beams}
+    if args.max_length is not None:
+        generation_kwargs["max_length"] = args.max_length
+    output_dir = Path(args.output_dir or Path(args.model) / f"eval_{args.split}")
+    results = evaluate_split(
+        model, processor, dataset_dict, output_dir, split=args.split, batch_size=args.batch_size, seed=args.seed,
+        published=published, **generation_kwargs,
+    )  # fmt: skip
+    print(markdown_table(results, published))
+    print(f"Predictions, metrics.json and metrics.md written to {output_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["EvaluationArguments", "main"]

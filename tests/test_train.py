@@ -1,0 +1,317 @@
+"""train.py: presets, CDAN's three-term loss, gradient accumulation, resume after SIGKILL, DDP on CPU (offline)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from labeler_cdan import label_report
+from modeling_cdan import CdanForConditionalGeneration
+from processing_cdan import CdanProcessor
+from test_modeling import tiny_config
+from train import (
+    CdanDataCollator,
+    CdanTrainer,
+    CdanTrainingArguments,
+    ReportEmbedder,
+    label_targets,
+    parse_arguments,
+    plot_training_curves,
+)
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPOSITORY.parent / "shared" / "data"
+TINY_MODEL_FLAGS = [
+    "--visual_extractor", "test_resnet", "--visual_extractor_pretrained", "False", "--image_size", "64",
+    "--config_overrides", "d_model=32,encoder_ffn_dim=64,decoder_ffn_dim=64,encoder_layers=1,decoder_layers=1,"
+    "encoder_attention_heads=4,decoder_attention_heads=4,reverse_attention_heads=4,dropout=0.0,attention_dropout=0.0",
+    "--dataloader_num_workers", "0", "--report_to", "none", "--augment", "False",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def r2gen_fixture(tmp_path_factory) -> Path:
+    """An IU X-Ray folder in R2Gen layout: real reports (24/8/8 studies) with small real chest X-ray PNGs."""
+    root = tmp_path_factory.mktemp("iu_xray_fixture")
+    annotation = json.loads((SHARED_DATA / "iu_xray" / "annotation.json").read_text())
+    sources = sorted((SHARED_DATA / "cxr_images" / "covid19_mhh_hannover" / "png").glob("*.png"))[:10]
+    small_images = []
+    for index, source in enumerate(sources):
+        target = root / "sources" / f"{index}.png"
+        target.parent.mkdir(exist_ok=True)
+        Image.open(source).convert("L").resize((64, 64)).save(target)
+        small_images.append(target)
+    subset = {}
+    for split, size in (("train", 24), ("val", 8), ("test", 8)):
+        subset[split] = annotation[split][:size]
+        for position, entry in enumerate(subset[split]):
+            for view in (0, 1):
+                image = root / "images" / entry["id"] / f"{view}.png"
+                image.parent.mkdir(parents=True, exist_ok=True)
+                image.write_bytes(small_images[(position + view) % len(small_images)].read_bytes())
+    (root / "annotation.json").write_text(json.dumps(subset))
+    return root
+
+
+def training_command(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPOSITORY / "train.py"), "--preset", "iu_xray", "--data_dir", str(data_dir),
+        "--dataset_cache_dir", str(data_dir / "prepared"), "--output_dir", str(output_dir),
+        "--text_encoder", "offline-minilm", "--per_device_train_batch_size", "4", *TINY_MODEL_FLAGS, *extra,
+    ]  # fmt: skip
+
+
+def run_training(*command: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets and arguments
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_iu_xray_preset_sets_the_published_recipe():
+    _, data_args, training_args = parse_arguments(["--preset", "iu_xray", "--output_dir", "unused"])
+    assert training_args.per_device_train_batch_size == 16
+    assert (data_args.max_length, data_args.vocabulary_threshold, data_args.num_views) == (60, 3, 2)
+    assert (training_args.num_train_epochs, training_args.seed) == (100, 9223)
+    assert (training_args.learning_rate, training_args.visual_extractor_learning_rate) == (1e-4, 5e-5)
+    assert training_args.metric_for_best_model == "BLEU-4"
+    assert training_args.generation_num_beams == 3
+
+
+def test_mimic_cxr_preset_sets_its_recipe():
+    _, data_args, training_args = parse_arguments(["--preset", "mimic_cxr"])
+    assert training_args.per_device_train_batch_size == 32
+    assert (data_args.max_length, data_args.vocabulary_threshold, data_args.num_views) == (100, 10, 1)
+
+
+def test_command_line_overrides_a_preset_value():
+    model_args, data_args, training_args = parse_arguments(
+        ["--preset", "iu_xray", "--per_device_train_batch_size", "4", "--max_length", "80", "--image_size", "128"]
+    )
+    assert training_args.per_device_train_batch_size == 4
+    assert data_args.max_length == 80
+    assert model_args.image_size == 128
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ValueError, match="Unknown --preset"):
+        parse_arguments(["--preset", "chexpert"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_uncertain_labels_follow_the_configured_policy():
+    states = [1, 0, -1, -2]
+    assert label_targets(states, uncertain_as=1) == [1.0, 0.0, 1.0, 0.0]
+    assert label_targets(states, uncertain_as=0) == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_training_parts(r2gen_fixture):
+    annotation = json.loads((r2gen_fixture / "annotation.json").read_text())
+    rows = annotation["train"][:8]
+    dataset = datasets.Dataset.from_dict(
+        {
+            "id": [row["id"] for row in rows],
+            "images": [[str(r2gen_fixture / "images" / row["id"] / f"{view}.png") for view in (0, 1)] for row in rows],
+            "findings": [row["report"] for row in rows],
+            "chexpert_labels": [label_report(row["report"]) for row in rows],
+            "reference_embedding": torch.randn(len(rows), 24, generator=torch.Generator().manual_seed(0)).tolist(),
+        },
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "images": datasets.List(datasets.Image()),
+                "findings": datasets.Value("string"),
+                "chexpert_labels": datasets.List(datasets.Value("int8")),
+                "reference_embedding": datasets.List(datasets.Value("float32")),
+            }
+        ),
+    )
+    processor = CdanProcessor.from_reports(dataset["findings"], threshold=1, image_size=64, num_views=2)
+    return dataset, processor
+
+
+def tiny_trainer(dataset, processor, output_dir, **argument_overrides) -> CdanTrainer:
+    # ConvNeXt normalises per sample (LayerNorm); BatchNorm statistics would differ between one batch of 8 and two of
+    # 4, which no loss scaling can make equal.
+    torch.manual_seed(0)
+    model = CdanForConditionalGeneration(
+        tiny_config(
+            visual_extractor="test_convnext", vocab_size=len(processor.tokenizer), dropout=0.0, attention_dropout=0.0
+        )
+    )
+    arguments = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
+        r2gen_adam=False, optim="sgd", report_to="none", remove_unused_columns=False, save_strategy="no",
+        dataloader_num_workers=0, seed=0, data_seed=0, logging_steps=1,
+    )  # fmt: skip
+    arguments.update(argument_overrides)
+    return CdanTrainer(
+        model=model,
+        args=CdanTrainingArguments(**arguments),
+        train_dataset=dataset,
+        data_collator=CdanDataCollator(processor),
+        processing_class=processor,
+    )
+
+
+def test_compute_loss_is_text_plus_mlc_plus_mse(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts
+    trainer = tiny_trainer(dataset, processor, tmp_path, lambda_mlc=0.5, lambda_sc=2.0)
+    batch = CdanDataCollator(processor)([dataset[index] for index in range(4)])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+    expected = (
+        outputs.loss
+        + 0.5 * nn.functional.binary_cross_entropy_with_logits(outputs.disease_logits, batch["disease_labels"])
+        + 2.0 * nn.functional.mse_loss(outputs.visual_semantics, batch["reference_embeddings"])
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_gradient_accumulation_gives_the_weights_of_one_large_batch(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts
+    one_batch = tiny_trainer(dataset, processor, tmp_path / "a", per_device_train_batch_size=8)
+    accumulated = tiny_trainer(
+        dataset, processor, tmp_path / "b", per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    assert one_batch.train().training_loss == pytest.approx(accumulated.train().training_loss, rel=1e-5)
+    for (name, expected), actual in zip(one_batch.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(actual, expected, msg=name, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_terms_are_logged_separately(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts
+    trainer = tiny_trainer(dataset, processor, tmp_path, max_steps=2)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all({"loss_text", "loss_mlc", "loss_sc"} <= set(entry) for entry in logged)
+    first = logged[0]
+    assert first["loss"] == pytest.approx(first["loss_text"] + first["loss_mlc"] + first["loss_sc"], rel=1e-3)
+
+
+def test_training_curves_are_plotted(tmp_path):
+    history = [{"step": 1, "loss": 3.0, "loss_text": 2.5}, {"step": 2, "epoch": 1.0, "eval_BLEU-4": 0.1}]
+    path = plot_training_curves(history, tmp_path / "curves.png")
+    assert path.exists() and Image.open(path).size[0] > 500
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Semantic-consistency text encoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_offline_minilm_embeds_each_distinct_report_once(monkeypatch):
+    embedder = ReportEmbedder("offline-minilm")
+    assert embedder.embedding_dim == 384
+    calls = []
+    original = embedder.__call__
+    monkeypatch.setattr(ReportEmbedder, "__call__", lambda self, reports: calls.append(len(reports)) or original(reports))
+    dataset = datasets.Dataset.from_dict({"findings": ["the lungs are clear .", "no effusion .", "the lungs are clear ."]})
+    embedded = embedder.add_embeddings(dataset)
+    assert calls == [2]
+    assert embedded["reference_embedding"][0] == embedded["reference_embedding"][2]
+    assert len(embedded["reference_embedding"][1]) == 384
+
+
+def test_unreachable_text_encoder_says_how_to_pass_a_local_one(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="--text_encoder"):
+        ReportEmbedder("emilyalsentzer/Bio_ClinicalBERT")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end (subprocesses)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_reaches_the_weights_of_an_uninterrupted_run(r2gen_fixture, tmp_path):
+    # 24 training studies at batch 4 make 6 steps per epoch; a checkpoint every 4 steps lands mid-epoch 1.
+    schedule = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--eval_strategy", "no",
+                "--load_best_model_at_end", "False", "--do_predict", "False", "--save_total_limit", "5"]  # fmt: skip
+    run_training(*training_command(r2gen_fixture, tmp_path / "uninterrupted", *schedule))
+
+    interrupted = tmp_path / "interrupted"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(
+        training_command(r2gen_fixture, interrupted, *schedule),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment,
+    )  # fmt: skip
+    checkpoint = interrupted / "checkpoint-4"
+    deadline = time.monotonic() + 240
+    while not (checkpoint / "trainer_state.json").exists():
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model.safetensors").exists(), "the run finished before it was killed"
+
+    run_training(*training_command(r2gen_fixture, interrupted, *schedule, "--resume_from_checkpoint", str(checkpoint)))
+    expected, resumed = final_weights(tmp_path / "uninterrupted"), final_weights(interrupted)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], msg=name)
+
+
+def test_two_process_ddp_on_cpu_keeps_ranks_in_sync(r2gen_fixture, tmp_path):
+    output_dir = tmp_path / "ddp"
+    command = training_command(
+        r2gen_fixture, output_dir, "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "False", "--do_predict", "False",
+    )  # fmt: skip
+    # `--multi_gpu` selects accelerate's torchrun launcher; without GPUs train.py runs the ranks on CPU over gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    run_training(*launcher, *command[1:], timeout=400)
+    checksums = [json.loads((output_dir / "weight_checksums" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert checksums[0] == checksums[1]
+    assert checksums[0]["world_size"] == 2
+    # 24 studies at 4 per process and 2 processes: 3 steps are half an epoch (a single process would be at 0.5 * 2)
+    assert json.loads((output_dir / "train_results.json").read_text())["epoch"] == pytest.approx(1.0)
+
+
+def test_trained_checkpoint_is_evaluated_and_loads_in_the_pipeline(r2gen_fixture, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_training(*training_command(r2gen_fixture, output_dir, "--num_train_epochs", "2"))
+    for name in ("model.safetensors", "pipeline_cdan.py", "tokenizer.json", "README.md", "training_curves.png",
+                 "training_log.csv", "test/predictions.jsonl", "test/metrics.json", "test/metrics.md"):  # fmt: skip
+        assert (output_dir / name).exists(), name
+    assert "| best constant report |" in result.stdout
+    metrics = json.loads((output_dir / "test" / "metrics.json").read_text())
+    assert set(metrics) == {"CDAN (this run)", "most frequent training report", "best constant report",
+                            "CDAN, images shuffled"}  # fmt: skip
+    from transformers import pipeline
+
+    reporter = pipeline("image-to-text", model=str(output_dir), trust_remote_code=True)
+    first_test_id = json.loads((r2gen_fixture / "annotation.json").read_text())["test"][0]["id"]
+    images = tuple(str(r2gen_fixture / "images" / first_test_id / f"{view}.png") for view in (0, 1))
+    generated = reporter(images)[0]["generated_text"]
+    predictions = [json.loads(line) for line in (output_dir / "test" / "predictions.jsonl").read_text().splitlines()]
+    assert generated == predictions[0]["generated"]
