@@ -31,11 +31,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 
 try:
-    from .configuration_cdan import CHEXPERT_OBSERVATIONS
-    from .labeler_cdan import POSITIVE, label_reports
+    from .labeler_cdan import label_reports, precision_recall_f1, to_binary
 except ImportError:
-    from configuration_cdan import CHEXPERT_OBSERVATIONS
-    from labeler_cdan import POSITIVE, label_reports
+    from labeler_cdan import label_reports, precision_recall_f1, to_binary
 
 
 NLG_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -84,16 +82,13 @@ def compute_nlg_metrics(
     return scores
 
 
-def positive_sets(reports: Sequence[str]) -> list[set[int]]:
-    """The observations the labeler calls POSITIVE in each report."""
-    return [{index for index, state in enumerate(states) if state == POSITIVE} for states in label_reports(reports)]
+def binary_labels(reports: Sequence[str]) -> list[list[int]]:
+    """0/1 observations of each report: POSITIVE is 1; UNCERTAIN, NEGATIVE and NOT_MENTIONED are 0."""
+    return [to_binary(states, uncertain_as=0) for states in label_reports(reports)]
 
 
-def precision_recall_f1(true_positives: int, predicted: int, actual: int) -> tuple[float, float, float]:
-    precision = true_positives / predicted if predicted else 0.0
-    recall = true_positives / actual if actual else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
+def harmonic_mean(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def compute_clinical_efficacy(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
@@ -105,32 +100,26 @@ def compute_clinical_efficacy(references: Sequence[str], predictions: Sequence[s
     """
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions.")
-    reference_positives, predicted_positives = positive_sets(references), positive_sets(predictions)
-    scores: dict[str, float] = {}
+    reference_labels, predicted_labels = binary_labels(references), binary_labels(predictions)
+    per_observation = precision_recall_f1(predicted_labels, reference_labels)
+    scores: dict[str, float] = {f"CE F1 {name}": values["f1"] for name, values in per_observation.items()}
+    for key, label in (("precision", "P"), ("recall", "R"), ("f1", "F1")):
+        scores[f"CE macro-{label}"] = sum(values[key] for values in per_observation.values()) / len(per_observation)
 
-    pooled = [
-        sum(len(truth & guess) for truth, guess in zip(reference_positives, predicted_positives)),
-        sum(len(guess) for guess in predicted_positives),
-        sum(len(truth) for truth in reference_positives),
-    ]
-    scores["CE micro-P"], scores["CE micro-R"], scores["CE micro-F1"] = precision_recall_f1(*pooled)
+    true_positives = sum(p * r for row_p, row_r in zip(predicted_labels, reference_labels) for p, r in zip(row_p, row_r))
+    predicted, actual = sum(map(sum, predicted_labels)), sum(map(sum, reference_labels))
+    scores["CE micro-P"] = true_positives / predicted if predicted else 0.0
+    scores["CE micro-R"] = true_positives / actual if actual else 0.0
+    scores["CE micro-F1"] = harmonic_mean(scores["CE micro-P"], scores["CE micro-R"])
 
-    per_observation = []
-    for index, name in enumerate(CHEXPERT_OBSERVATIONS):
-        counts = [
-            sum(index in truth and index in guess for truth, guess in zip(reference_positives, predicted_positives)),
-            sum(index in guess for guess in predicted_positives),
-            sum(index in truth for truth in reference_positives),
-        ]
-        per_observation.append(precision_recall_f1(*counts))
-        scores[f"CE F1 {name}"] = per_observation[-1][2]
-    for position, label in enumerate(("P", "R", "F1")):
-        scores[f"CE macro-{label}"] = sum(values[position] for values in per_observation) / len(per_observation)
-
-    per_example = [
-        (1.0, 1.0, 1.0) if not truth and not guess else precision_recall_f1(len(truth & guess), len(guess), len(truth))
-        for truth, guess in zip(reference_positives, predicted_positives)
-    ]
+    per_example = []
+    for row_p, row_r in zip(predicted_labels, reference_labels):
+        hits, guessed, true = sum(p * r for p, r in zip(row_p, row_r)), sum(row_p), sum(row_r)
+        if not guessed and not true:
+            per_example.append((1.0, 1.0, 1.0))
+            continue
+        precision, recall = hits / guessed if guessed else 0.0, hits / true if true else 0.0
+        per_example.append((precision, recall, harmonic_mean(precision, recall)))
     for position, label in enumerate(("P", "R", "F1")):
         scores[f"CE example-{label}"] = sum(values[position] for values in per_example) / len(per_example)
     return scores

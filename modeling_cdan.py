@@ -188,6 +188,10 @@ class CdanVisualExtractor(nn.Module):
         for module in self.backbone.modules():
             module._is_hf_initialized = True
 
+    def train(self, mode: bool = True) -> "CdanVisualExtractor":
+        """A frozen extractor (no parameter requires grad) stays in eval mode, so its BatchNorm statistics stay fixed."""
+        return super().train(mode and any(parameter.requires_grad for parameter in self.parameters()))
+
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Run the CNN on a stack of single views: `(N, 3, H, W)` -> `(N, C, h, w)`."""
         return self.backbone.forward_features(pixel_values)

@@ -69,7 +69,7 @@ try:
     from .configuration_cdan import CdanConfig
     from .data_cdan import load_cdan_dataset
     from .evaluation_cdan import PUBLISHED_IU_XRAY, compute_nlg_metrics, evaluate_split, markdown_table
-    from .labeler_cdan import NOT_MENTIONED, POSITIVE, UNCERTAIN
+    from .labeler_cdan import to_binary
     from .modeling_cdan import CdanForConditionalGeneration
     from .pipeline_cdan import register_pipeline_in_config, save_checkpoint, write_pipeline_files
     from .processing_cdan import CdanProcessor
@@ -77,7 +77,7 @@ except ImportError:
     from configuration_cdan import CdanConfig
     from data_cdan import load_cdan_dataset
     from evaluation_cdan import PUBLISHED_IU_XRAY, compute_nlg_metrics, evaluate_split, markdown_table
-    from labeler_cdan import NOT_MENTIONED, POSITIVE, UNCERTAIN
+    from labeler_cdan import to_binary
     from modeling_cdan import CdanForConditionalGeneration
     from pipeline_cdan import register_pipeline_in_config, save_checkpoint, write_pipeline_files
     from processing_cdan import CdanProcessor
@@ -171,6 +171,7 @@ COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
     "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
     "dataloader_num_workers": 2,
+    "dataloader_pin_memory": torch.cuda.is_available(),
     "do_predict": True,
 }
 
@@ -294,12 +295,6 @@ class ReportEmbedder:
         return dataset.add_column("reference_embedding", [table[report].tolist() for report in reports])
 
 
-def label_targets(states: list[int], uncertain_as: int) -> list[float]:
-    """BCE targets from four-state labels: POSITIVE 1, UNCERTAIN `uncertain_as`, NEGATIVE and NOT_MENTIONED 0."""
-    mapping = {POSITIVE: 1.0, UNCERTAIN: float(uncertain_as), NOT_MENTIONED: 0.0}
-    return [mapping.get(state, 0.0) for state in states]
-
-
 @dataclass
 class CdanDataCollator:
     """
@@ -326,7 +321,7 @@ class CdanDataCollator:
                 self.processor(images=[row["images"] for row in rows], text=texts, do_augment=self.augment)
             )
         batch["disease_labels"] = torch.tensor(
-            [label_targets(row["chexpert_labels"], self.uncertain_label_as) for row in rows], dtype=torch.float32
+            [to_binary(row["chexpert_labels"], self.uncertain_label_as) for row in rows], dtype=torch.float32
         )
         if "reference_embedding" in rows[0]:
             batch["reference_embeddings"] = torch.tensor([row["reference_embedding"] for row in rows])

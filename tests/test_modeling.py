@@ -329,3 +329,15 @@ def test_cached_visual_features_give_the_same_outputs_as_pixels():
         from_features = model(visual_features=visual_features, labels=labels)
     torch.testing.assert_close(from_features.logits, from_pixels.logits)
     assert torch.equal(model.generate(visual_features=visual_features), model.generate(pixel_values=pixel_values))
+
+
+def test_frozen_visual_extractor_keeps_its_batchnorm_statistics():
+    model = tiny_model()
+    extractor = model.model.encoder.visual_extractor
+    extractor.requires_grad_(False)
+    model.train()
+    assert not extractor.training and model.model.decoder.training
+    running_means = [module.running_mean.clone() for module in extractor.modules() if hasattr(module, "running_mean")]
+    model(pixel_values=study_batch(), labels=report_labels())
+    after = [module.running_mean for module in extractor.modules() if hasattr(module, "running_mean")]
+    assert running_means and all(torch.equal(a, b) for a, b in zip(running_means, after))

@@ -24,7 +24,6 @@ from train import (
     CdanTrainer,
     CdanTrainingArguments,
     ReportEmbedder,
-    label_targets,
     parse_arguments,
     plot_training_curves,
 )
@@ -123,10 +122,12 @@ def test_unknown_preset_is_rejected():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_uncertain_labels_follow_the_configured_policy():
-    states = [1, 0, -1, -2]
-    assert label_targets(states, uncertain_as=1) == [1.0, 0.0, 1.0, 0.0]
-    assert label_targets(states, uncertain_as=0) == [1.0, 0.0, 0.0, 0.0]
+def test_collator_maps_uncertain_labels_by_the_configured_policy(tiny_training_parts):
+    dataset, processor = tiny_training_parts
+    row = {**dataset[0], "chexpert_labels": [1, 0, -1, -2] + [-2] * 10}
+    u_ones = CdanDataCollator(processor, uncertain_label_as=1)([row])["disease_labels"][0, :4].tolist()
+    u_zeros = CdanDataCollator(processor, uncertain_label_as=0)([row])["disease_labels"][0, :4].tolist()
+    assert (u_ones, u_zeros) == ([1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0])
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +316,21 @@ def test_trained_checkpoint_is_evaluated_and_loads_in_the_pipeline(r2gen_fixture
     generated = reporter(images)[0]["generated_text"]
     predictions = [json.loads(line) for line in (output_dir / "test" / "predictions.jsonl").read_text().splitlines()]
     assert generated == predictions[0]["generated"]
+
+
+def test_cached_features_train_without_touching_the_frozen_extractor(tiny_training_parts, tmp_path):
+    from train import cache_visual_features
+
+    dataset, processor = tiny_training_parts
+    trainer = tiny_trainer(dataset, processor, tmp_path, max_steps=2)
+    extractor = trainer.model.model.encoder.visual_extractor
+    extractor.requires_grad_(False)
+    before = {name: tensor.clone() for name, tensor in extractor.state_dict().items()}
+    cached = cache_visual_features(trainer.model, processor, dataset, batch_size=4)
+    assert len(cached[0]["visual_features"]) == 2 * 2 * 2  # two views of a 2x2 feature map
+    trainer.train_dataset = cached
+    trainer.train()
+    for name, tensor in extractor.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    trained = trainer.model.model.encoder.visual_projection.weight
+    assert not torch.equal(trained, tiny_trainer(dataset, processor, tmp_path).model.model.encoder.visual_projection.weight)
