@@ -565,7 +565,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(training_args.seed)
 
     # Data
-    raw = load_cdan_dataset(data_args.dataset_name, data_dir=data_args.data_dir, cache_dir=data_args.dataset_cache_dir)
+    dataset_options = {"max_images": data_args.num_views} if data_args.dataset_name == "iu_xray" else {}
+    raw = load_cdan_dataset(
+        data_args.dataset_name, data_dir=data_args.data_dir, cache_dir=data_args.dataset_cache_dir, **dataset_options
+    )
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
                          ("test", data_args.max_predict_samples)):  # fmt: skip
         if limit is not None and split in raw:
