@@ -133,9 +133,9 @@ except ImportError:
     from labeler_cdan import CHEXPERT_OBSERVATIONS, NEGATIVE, NOT_MENTIONED, POSITIVE, UNCERTAIN, label_report
 
 try:
-    from .synthetic_cxr import render_study
+    from .synthetic_cxr import render_study, save_png
 except ImportError:
-    from synthetic_cxr import render_study
+    from synthetic_cxr import render_study, save_png
 
 
 logger = logging.getLogger(__name__)
@@ -957,7 +957,7 @@ class CdanBuilder(datasets.GeneratorBasedBuilder):
 
     DATASET_NAME = "cdan"
     BUILDER_CONFIG_CLASS = CdanBuilderConfig
-    VERSION = datasets.Version("1.0.0")
+    VERSION = datasets.Version("1.0.1")
 
     def __init__(self, *args, dataset_name: str | None = None, **kwargs):
         super().__init__(*args, dataset_name=dataset_name or self.DATASET_NAME, **kwargs)
@@ -1767,7 +1767,7 @@ class DemoBuilder(CdanBuilder):
             paths = []
             for view, image in zip(view_names, images):
                 name = f"{safe_id}_{view}.png"
-                image.save(written_dir / name, format="PNG", compress_level=1)
+                save_png(image, written_dir / name, extra_text={"Study": study["id"]}, compress_level=1)
                 paths.append(str(stored_dir / name))
             yield (
                 study["id"],
