@@ -901,6 +901,14 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> CdanDecoder:
         return self.model.decoder
 
+    def _reorder_cache(self, past_key_values: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """
+        Beam search only moves hypotheses between the beams of one study, which share the encoder memory: reorder the
+        self-attention keys and values, and leave the larger cross-attention ones (2N + k tokens) in place.
+        """
+        past_key_values.self_attention_cache.reorder_cache(beam_idx)
+        return past_key_values
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 

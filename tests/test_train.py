@@ -168,7 +168,7 @@ def tiny_trainer(dataset, processor, output_dir, **argument_overrides) -> CdanTr
     arguments = dict(
         output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
         r2gen_adam=False, optim="sgd", report_to="none", remove_unused_columns=False, save_strategy="no",
-        dataloader_num_workers=0, seed=0, data_seed=0, logging_steps=1,
+        dataloader_num_workers=0, dataloader_pin_memory=False, seed=0, data_seed=0, logging_steps=1,
     )  # fmt: skip
     arguments.update(argument_overrides)
     return CdanTrainer(
@@ -242,7 +242,10 @@ def test_offline_minilm_embeds_each_distinct_report_once(monkeypatch):
 
 
 def test_unreachable_text_encoder_says_how_to_pass_a_local_one(monkeypatch):
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time otherwise
     with pytest.raises(OSError, match="--text_encoder"):
         ReportEmbedder("emilyalsentzer/Bio_ClinicalBERT")
 
