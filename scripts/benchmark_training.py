@@ -39,7 +39,7 @@ CONFIGURATIONS = {
     "full-size": {"visual_extractor": "resnet101", "image_size": 224, "batch_size": 16, "overrides": {}},
     "demo": {
         "visual_extractor": "resnet10t",
-        "image_size": 128,
+        "image_size": 96,
         "batch_size": 16,
         "overrides": {
             "d_model": 128, "encoder_ffn_dim": 256, "decoder_ffn_dim": 256, "encoder_attention_heads": 4,
