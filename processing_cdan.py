@@ -495,7 +495,8 @@ class CdanImageProcessor(BaseImageProcessor):
         """
         if is_single_image(images):
             studies = [[images]]
-        elif isinstance(images, (list, tuple)):
+        elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):  # lists, tuples, dataset columns
+            images = list(images)
             if len(images) == 0:
                 raise ValueError("No image given: `images` is an empty list.")
             studies = [list(study) if isinstance(study, (list, tuple)) else [study] for study in images]

@@ -516,3 +516,12 @@ def test_from_reports_builds_the_tokenizer_with_the_chosen_cleaner():
     assert "Heart:" in raw_processor.tokenizer.get_vocab()
     with pytest.raises(ValueError, match="Unknown report cleaner"):
         CdanProcessor.from_reports(reports, report_cleaner="chexpert")
+
+
+def test_a_dataset_column_of_studies_is_accepted():
+    import datasets
+
+    column = datasets.Dataset.from_dict({"images": [[str(GREY_PNG), str(JPEG)], [str(JPEG), str(GREY_PNG)]]})["images"]
+    from_column = pixel_values(column, num_views=2)
+    from_list = pixel_values([[str(GREY_PNG), str(JPEG)], [str(JPEG), str(GREY_PNG)]], num_views=2)
+    assert torch.equal(from_column, from_list)
