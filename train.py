@@ -53,7 +53,6 @@ import torch
 import transformers
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoTokenizer,
     HfArgumentParser,
