@@ -124,7 +124,7 @@ class CdanConfig(PreTrainedConfig):
     """
 
     model_type = "cdan"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
     attribute_map = {
         "hidden_size": "d_model",
         "num_attention_heads": "decoder_attention_heads",

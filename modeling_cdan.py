@@ -33,6 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 
 try:
@@ -301,17 +302,17 @@ class CdanAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project to heads, `(B, T, C)` -> `(B, H, T, D)`, reusing or extending the cache when one is given."""
         is_cross_attention = key_value_states is not None
         query_states = self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-        layer_cache, cross_is_cached = past_key_values, False
-        if isinstance(past_key_values, EncoderDecoderCache):
-            cross_is_cached = is_cross_attention and past_key_values.is_updated.get(self.layer_idx, False)
+        layer_cache, cross_is_cached = cache, False
+        if isinstance(cache, EncoderDecoderCache):
+            cross_is_cached = is_cross_attention and cache.is_updated.get(self.layer_idx, False)
             layer_cache = (
-                past_key_values.cross_attention_cache if is_cross_attention else past_key_values.self_attention_cache
+                cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
             )
         if cross_is_cached:  # the encoder memory does not change during generation: reuse its keys and values
             key_states = layer_cache.layers[self.layer_idx].keys
@@ -323,22 +324,22 @@ class CdanAttention(nn.Module):
         value_states = self.v_proj(source_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         if layer_cache is not None:
             key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
-            if is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values.is_updated[self.layer_idx] = True
+            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
         return query_states, key_states, value_states
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries from `hidden_states` `(B, T, C)`; keys and values from `key_value_states` `(B, S, C)` if given."""
         query_states, key_states, value_states = self.project_query_key_value(
-            hidden_states, key_value_states, past_key_values
+            hidden_states, key_value_states, cache
         )
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -524,18 +525,18 @@ class CdanDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = True,
         **kwargs,
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
-            self.self_attn_layer_norm(hidden_states), past_key_values=past_key_values, attention_mask=attention_mask
+            self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask
         )
         hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
         cross_output, _ = self.encoder_attn(
             self.encoder_attn_layer_norm(hidden_states),
             key_value_states=encoder_hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
         )
         hidden_states = hidden_states + nn.functional.dropout(cross_output, p=self.dropout, training=self.training)
         ffn_output = self.feed_forward(self.final_layer_norm(hidden_states))
@@ -552,7 +553,7 @@ class CdanPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CdanVisualExtractor", "CdanReverseAttention", "CdanEncoderLayer", "CdanDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
 
@@ -701,12 +702,13 @@ class CdanDecoder(CdanPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -716,11 +718,11 @@ class CdanDecoder(CdanPreTrainedModel):
             raise ValueError("Pass exactly one of `decoder_input_ids` and `decoder_inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, d_model)
-        if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
 
         batch_size, target_length = inputs_embeds.shape[:2]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if past_length + target_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"Report length {past_length + target_length} exceeds `max_position_embeddings` "
@@ -730,15 +732,15 @@ class CdanDecoder(CdanPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_length + target_length, device=inputs_embeds.device)
         self_attention_cache = (
-            past_key_values.self_attention_cache
-            if isinstance(past_key_values, EncoderDecoderCache)
-            else past_key_values
+            cache.self_attention_cache
+            if isinstance(cache, EncoderDecoderCache)
+            else cache
         )
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=self_attention_cache,
+            cache=self_attention_cache,
             position_ids=position_ids.unsqueeze(0),
         )
 
@@ -752,7 +754,7 @@ class CdanDecoder(CdanPreTrainedModel):
                 hidden_states,
                 causal_mask,
                 encoder_hidden_states,  # positional, for gradient checkpointing
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
             )
         hidden_states = self.layer_norm(hidden_states)
@@ -760,7 +762,7 @@ class CdanDecoder(CdanPreTrainedModel):
             all_hidden_states += (hidden_states,)
         return Seq2SeqModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             decoder_hidden_states=all_hidden_states,
         )
 
@@ -783,13 +785,14 @@ class CdanModel(CdanPreTrainedModel):
     def get_encoder(self, modality: str | None = None) -> CdanEncoder:
         return self.encoder
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
         encoder_outputs: CdanEncoderOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         decoder_inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -810,14 +813,14 @@ class CdanModel(CdanPreTrainedModel):
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
         return CdanSeq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.decoder_hidden_states,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
@@ -901,24 +904,25 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> CdanDecoder:
         return self.model.decoder
 
-    def _reorder_cache(self, past_key_values: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
         """
         Beam search only moves hypotheses between the beams of one study, which share the encoder memory: reorder the
         self-attention keys and values, and leave the larger cross-attention ones (2N + k tokens) in place.
         """
-        past_key_values.self_attention_cache.reorder_cache(beam_idx)
-        return past_key_values
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        return cache
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
         encoder_outputs: CdanEncoderOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         decoder_inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -938,7 +942,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             Padding mask of `decoder_input_ids`; a causal mask is always applied.
         encoder_outputs (`CdanEncoderOutput`, *optional*):
             Precomputed encoder outputs, as `generate()` passes them.
-        past_key_values (`EncoderDecoderCache`, *optional*):
+        cache (`EncoderDecoderCache`, *optional*):
             Cached decoder keys and values.
         labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
             Target report tokens ending in `eos`, padded with `-100`.
@@ -959,7 +963,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
+            cache=cache,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -977,7 +981,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         return CdanSeq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             decoder_hidden_states=outputs.decoder_hidden_states,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,

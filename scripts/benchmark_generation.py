@@ -31,15 +31,15 @@ adds `MinLengthLogitsProcessor`, which sets the `<eos>` score to -inf while the 
 every step, so no hypothesis ever finishes early. The script checks that every returned sequence has length 60 and
 contains no `<eos>`.
 
-Stock BERT under `generate()` (checked against the installed transformers 5.23 source):
+Stock BERT under `generate()` (checked against the installed transformers 5.24 source):
 
 * `encoder_hidden_states` is passed as a generate keyword: it is a model kwarg, which `_expand_inputs_for_generation`
   `repeat_interleave`s over beams (every tensor in `model_kwargs` is expanded), and the generic
   `prepare_inputs_for_generation` forwards it to every step. No manual expansion is needed.
 * `BertLMHeadModel` is decoder-only (`is_encoder_decoder=False`), so `_prepare_cache_for_generation` gives it a plain
-  `DynamicCache`, and `BertCrossAttention` then fails on `past_key_values.is_updated` (`DynamicCache` has no such
+  `DynamicCache`, and `BertCrossAttention` then fails on `cache.is_updated` (`DynamicCache` has no such
   attribute). `BertModel` builds an `EncoderDecoderCache` only when it receives no cache at all. With
-  `use_cache=True` the benchmark therefore passes `past_key_values=EncoderDecoderCache(DynamicCache(),
+  `use_cache=True` the benchmark therefore passes `cache=EncoderDecoderCache(DynamicCache(),
   DynamicCache())` to `generate()`; beam search reorders both of its halves with `EncoderDecoderCache.reorder_cache`.
 """
 
@@ -149,7 +149,7 @@ class StockResnetBertReportGenerator(nn.Module):
         input_ids = torch.full((batch_size, 1), BOS_TOKEN_ID, dtype=torch.long, device=pixel_values.device)
         cache_kwargs = {}
         if use_cache:  # generate() would create a plain DynamicCache, which BertCrossAttention cannot use
-            cache_kwargs["past_key_values"] = EncoderDecoderCache(
+            cache_kwargs["cache"] = EncoderDecoderCache(
                 DynamicCache(config=self.decoder_config), DynamicCache(config=self.decoder_config)
             )
         return self.decoder.generate(
