@@ -44,6 +44,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from transformers import (
     AutoModel,
@@ -58,9 +61,12 @@ from transformers import (
     HfArgumentParser,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
+    Trainer,
     TrainerCallback,
+    TrainingArguments,
     set_seed,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_utils import get_last_checkpoint
 
 
@@ -122,10 +128,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "output_dir": "outputs/demo",
         "per_device_train_batch_size": 16,
         "per_device_eval_batch_size": 32,
-        "num_train_epochs": 10,
+        "visual_warmup_epochs": 6,
+        "cache_visual_features": True,
+        "num_train_epochs": 30,
+        "eval_strategy": "steps",  # validate (beam 3) and save every 6 epochs: a fifth of the run
+        "eval_steps": 0.2,
+        "save_strategy": "steps",
+        "save_steps": 0.2,
+        "metric_for_best_model": "CE macro-F1",  # BLEU-4 favours the generic normal report (see README)
         "learning_rate": 1e-3,
         "visual_extractor_learning_rate": 1e-3,
-        "lr_decay_epochs": 7,
+        "lr_decay_epochs": 21,
         "lr_decay_gamma": 0.2,
         "dataloader_num_workers": 1,
         "seed": 9223,
@@ -169,7 +182,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """
 Recipes. IU X-Ray and MIMIC-CXR follow R2Gen (MIMIC batch 32 instead of R2Gen's 16). `demo` is the CPU main job: a
-small configuration (ResNet-10t from scratch at 96 px, width 128) that trains in under 10 minutes on 2 cores.
+small configuration (ResNet-10t from scratch at 96 px, width 128) that trains in about 8 minutes on 2 cores. Its
+extractor is warmed up on the CheXpert labels (`visual_warmup_epochs`), then frozen with its features cached, and the
+checkpoint is chosen on validation CE macro-F1, because BLEU-4 prefers the early checkpoints that write one report for
+every study.
 """
 
 COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
@@ -220,6 +236,13 @@ class ModelArguments:
         default=False,
         metadata={"help": "With a frozen extractor: compute its features once, cache them on disk, reuse them."},
     )
+    visual_warmup_epochs: float = field(
+        default=0,
+        metadata={"help": "Before report training, train the visual extractor alone for this many epochs to classify "
+                  "the 14 CheXpert labels from its pooled features. A stand-in for ImageNet weights when the "
+                  "extractor starts from scratch (the demo); 0 skips it."},
+    )  # fmt: skip
+    visual_warmup_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the warm-up."})
 
 
 @dataclass
@@ -320,15 +343,20 @@ class CdanDataCollator:
         processor (`CdanProcessor`): images and report tokenisation.
         augment (`bool`): random augmentation (training only).
         uncertain_label_as (`int`): BCE target of UNCERTAIN labels.
+        include_reports (`bool`): tokenise the reports into `labels`; the visual warm-up needs only images and labels.
     """
 
     processor: CdanProcessor
     augment: bool = False
     uncertain_label_as: int = 1
+    include_reports: bool = True
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [row["findings"] for row in rows]
-        if "visual_features" in rows[0]:
+        if not self.include_reports:
+            images = [row["images"] for row in rows]
+            batch = {"pixel_values": self.processor(images=images, do_augment=self.augment)["pixel_values"]}
+        elif "visual_features" in rows[0]:
             batch = dict(self.processor(text=texts, return_tensors="pt"))
             batch["visual_features"] = torch.stack([torch.as_tensor(np.asarray(row["visual_features"])) for row in rows])
         else:
@@ -338,7 +366,7 @@ class CdanDataCollator:
         batch["disease_labels"] = torch.tensor(
             [to_binary(row["chexpert_labels"], self.uncertain_label_as) for row in rows], dtype=torch.float32
         )
-        if "reference_embedding" in rows[0]:
+        if "reference_embedding" in rows[0] and self.include_reports:
             batch["reference_embeddings"] = torch.tensor([row["reference_embedding"] for row in rows])
         return batch
 
@@ -386,7 +414,7 @@ def plot_training_curves(log_history: list[dict[str, Any]], path: str | Path) ->
             loss_axis.plot(*zip(*points), label=label, marker="o" if key == "eval_loss" else None, markersize=3)
     loss_axis.set(xlabel="optimizer step", ylabel="loss", title="Training loss terms")
     loss_axis.legend()
-    for key in ("eval_BLEU-1", "eval_BLEU-4", "eval_ROUGE-L", "eval_CIDEr", "eval_CE macro-F1"):
+    for key in ("eval_BLEU-1", "eval_BLEU-4", "eval_ROUGE-L", "eval_CIDEr", "eval_CE macro-F1", "eval_mean_AUROC"):
         points = [(entry["epoch"], entry[key]) for entry in log_history if key in entry]
         if points:
             metric_axis.plot(*zip(*points), label=key.removeprefix("eval_"), marker="o", markersize=3)
@@ -522,6 +550,113 @@ class CdanTrainer(Seq2SeqTrainer):
             write_pipeline_files(output_dir or self.args.output_dir, self.accelerator.unwrap_model(self.model))
 
 
+class VisualWarmupModel(nn.Module):
+    """
+    The visual extractor with a linear multi-label head on its mean-pooled patch features, trained alone before
+    report training (`--visual_warmup_epochs`).
+
+    An extractor trained from scratch inside the full model learns slowly: the report loss reaches it only through the
+    reverse attention and six transformer layers, and the decoder learns to write the most common report long before
+    the image features carry anything. The paper starts from ImageNet weights. Where none are available (the offline
+    demo), this stage gives the extractor features that separate the 14 CheXpert observations, using only the labels
+    that `L_mlc` already trains on. The head is discarded afterwards.
+
+    Args:
+        visual_extractor (`CdanVisualExtractor`): the model's extractor, trained in place.
+        num_observations (`int`): number of labels (14 CheXpert observations).
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, visual_extractor: nn.Module, num_observations: int):
+        super().__init__()
+        self.visual_extractor = visual_extractor
+        self.classifier = nn.Linear(visual_extractor.num_features, num_observations)
+
+    def forward(self, pixel_values: torch.Tensor, disease_labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        patch_features = self.visual_extractor(pixel_values)  # (B, N, C)
+        logits = self.classifier(patch_features.mean(dim=1))  # (B, num_observations)
+        loss = None
+        if disease_labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), disease_labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def mean_auroc(prediction) -> dict[str, float]:
+    """Mean AUROC over the observations that have both classes in the evaluation split."""
+    scores, labels = prediction.predictions, prediction.label_ids
+    aurocs = [
+        roc_auc_score(labels[:, index], scores[:, index])
+        for index in range(labels.shape[1])
+        if 0 < labels[:, index].sum() < len(labels)
+    ]
+    return {"mean_AUROC": float(np.mean(aurocs)) if aurocs else float("nan")}
+
+
+def warm_up_visual_extractor(
+    model: CdanForConditionalGeneration,
+    processor: CdanProcessor,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset | None,
+    model_args: "ModelArguments",
+    data_args: "DataArguments",
+    training_args: "CdanTrainingArguments",
+) -> dict[str, float]:
+    """
+    Train the model's visual extractor in place on the multi-label task (see `VisualWarmupModel`), with a plain
+    `Trainer`, so it has the same progress bars, logs and multi-process support as the main stage. The result is kept
+    in `<output_dir>/visual_warmup/visual_extractor.safetensors` and reused when a run is resumed.
+
+    Returns:
+        The last validation metrics of the warm-up (`eval_loss`, `eval_mean_AUROC`), empty without validation data.
+    """
+    extractor = model.model.encoder.visual_extractor
+    warmup_dir = Path(training_args.output_dir) / "visual_warmup"
+    weights_file = warmup_dir / "visual_extractor.safetensors"
+    if training_args.resume_from_checkpoint and weights_file.exists():
+        extractor.load_state_dict(load_file(weights_file))
+        logger.info(f"Resuming: visual warm-up weights read from {weights_file}")
+        return {}
+    warmup_args = TrainingArguments(
+        output_dir=str(warmup_dir),
+        num_train_epochs=model_args.visual_warmup_epochs,
+        per_device_train_batch_size=training_args.per_device_train_batch_size,
+        per_device_eval_batch_size=training_args.per_device_eval_batch_size,
+        learning_rate=model_args.visual_warmup_learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        eval_strategy="epoch" if eval_dataset is not None else "no",
+        save_strategy="no",
+        logging_steps=training_args.logging_steps,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["disease_labels"],
+        seed=training_args.seed,
+        dataloader_num_workers=training_args.dataloader_num_workers,
+        dataloader_pin_memory=training_args.dataloader_pin_memory,
+        use_cpu=training_args.use_cpu,
+        disable_tqdm=training_args.disable_tqdm,
+    )
+    collator = partial(CdanDataCollator, processor, uncertain_label_as=training_args.uncertain_label_as,
+                       include_reports=False)  # fmt: skip
+    trainer = Trainer(
+        model=VisualWarmupModel(extractor, model.config.num_observations),
+        args=warmup_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator(augment=data_args.augment),
+        compute_metrics=mean_auroc,
+        callbacks=[LossTermsCallback(str(warmup_dir))],
+    )
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    metrics = evaluations[-1] if evaluations else {}
+    if training_args.should_save:
+        warmup_dir.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.contiguous() for name, tensor in extractor.state_dict().items()}, weights_file)
+    return metrics
+
+
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CdanTrainingArguments]:
     """Parse the command line (or one JSON file) on top of the chosen preset's defaults."""
     argv = sys.argv[1:] if argv is None else argv
@@ -623,6 +758,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     model.generation_config.update(max_length=data_args.max_length, num_beams=training_args.generation_num_beams)
     register_pipeline_in_config(model.config)
+    if model_args.visual_warmup_epochs > 0:
+        warmup_metrics = warm_up_visual_extractor(
+            model, processor, raw["train"], raw.get("validation"), model_args, data_args, training_args
+        )
+        logger.info(f"Visual warm-up: {warmup_metrics}")
     if model_args.freeze_visual_extractor or model_args.cache_visual_features:
         model.model.encoder.visual_extractor.requires_grad_(False)
     if model_args.cache_visual_features:
@@ -704,7 +844,9 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "ReportEmbedder",
+    "VisualWarmupModel",
     "main",
     "parse_arguments",
     "plot_training_curves",
+    "warm_up_visual_extractor",
 ]

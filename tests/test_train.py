@@ -1,5 +1,6 @@
 """train.py: presets, CDAN's three-term loss, gradient accumulation, resume after SIGKILL, DDP on CPU (offline)."""
 
+import csv
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import datasets
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from labeler_cdan import label_report
@@ -26,6 +27,7 @@ from train import (
     ReportEmbedder,
     parse_arguments,
     plot_training_curves,
+    warm_up_visual_extractor,
 )
 
 
@@ -337,3 +339,42 @@ def test_cached_features_train_without_touching_the_frozen_extractor(tiny_traini
         assert torch.equal(tensor, before[name]), name
     trained = trainer.model.model.encoder.visual_projection.weight
     assert not torch.equal(trained, tiny_trainer(dataset, processor, tmp_path).model.model.encoder.visual_projection.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Visual warm-up
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def warmup_arguments(output_dir: Path, *extra: str):
+    return parse_arguments(
+        ["--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+         "--visual_warmup_learning_rate", "0.01", "--disable_tqdm", "True", *TINY_MODEL_FLAGS, *extra]
+    )  # fmt: skip
+
+
+def test_visual_warmup_lowers_the_extractors_multilabel_loss(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts
+    model_args, data_args, training_args = warmup_arguments(tmp_path, "--visual_warmup_epochs", "6")
+    torch.manual_seed(0)
+    model = CdanForConditionalGeneration(tiny_config(vocab_size=len(processor.tokenizer)))
+    warm_up_visual_extractor(model, processor, dataset, dataset, model_args, data_args, training_args)
+    with (tmp_path / "visual_warmup" / "training_log.csv").open() as handle:
+        validation_losses = [float(row["value"]) for row in csv.DictReader(handle) if row["key"] == "eval_loss"]
+    assert len(validation_losses) == 6
+    assert validation_losses[-1] < 0.8 * validation_losses[0]
+
+
+def test_resumed_run_reads_the_warmed_up_extractor_instead_of_training_again(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts
+    model_args, data_args, training_args = warmup_arguments(
+        tmp_path, "--visual_warmup_epochs", "1", "--resume_from_checkpoint", "true"
+    )
+    saved = CdanForConditionalGeneration(tiny_config(vocab_size=len(processor.tokenizer))).model.encoder.visual_extractor
+    (tmp_path / "visual_warmup").mkdir()
+    save_file(saved.state_dict(), tmp_path / "visual_warmup" / "visual_extractor.safetensors")
+    model = CdanForConditionalGeneration(tiny_config(vocab_size=len(processor.tokenizer)))
+    metrics = warm_up_visual_extractor(model, processor, dataset, dataset, model_args, data_args, training_args)
+    assert metrics == {}
+    for name, tensor in model.model.encoder.visual_extractor.state_dict().items():
+        assert torch.equal(tensor, saved.state_dict()[name]), name
