@@ -184,6 +184,7 @@ class CdanVisualExtractor(nn.Module):
             **(config.visual_extractor_kwargs or {}),
         )
         self.num_features = self.backbone.num_features
+        self.channels_last = config.visual_extractor_channels_last
         # timm has initialised the backbone its own way (e.g. Kaiming for ResNets); keep that instead of the
         # generic normal(0, init_std) of `_init_weights`, which suits the transformer layers.
         for module in self.backbone.modules():
@@ -195,6 +196,8 @@ class CdanVisualExtractor(nn.Module):
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Run the CNN on a stack of single views: `(N, 3, H, W)` -> `(N, C, h, w)`."""
+        if self.channels_last:  # convolutions follow their input's format; the weights may stay as they are
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.backbone.forward_features(pixel_values)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

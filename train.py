@@ -20,6 +20,9 @@ Launch commands:
     # resume after an interruption (same seed, same final weights as an uninterrupted run)
     python train.py --preset iu_xray --data_dir ... --output_dir runs/iu_xray --resume_from_checkpoint true
 
+    # bfloat16 autocast: Ampere or newer GPUs, or CPUs with AVX512-BF16/AMX (about 1.6x faster at full size on CPU)
+    python train.py --preset iu_xray --data_dir ... --bf16 True
+
 The three loss terms:
 - L_text: token cross-entropy of the reference report, normalised by the number of report tokens in the whole
   (accumulated) batch, so gradient accumulation and several processes give the loss of the full batch.
@@ -37,6 +40,7 @@ References: Chen, Huang & Tan 2025 (CDAN); R2Gen (Chen et al., EMNLP 2020) for t
 """
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -617,25 +621,26 @@ def warm_up_visual_extractor(
         extractor.load_state_dict(load_file(weights_file))
         logger.info(f"Resuming: visual warm-up weights read from {weights_file}")
         return {}
-    warmup_args = TrainingArguments(
+    # The same launch settings (devices, mixed precision, DeepSpeed/FSDP, workers, seed) as the main stage, with the
+    # warm-up's own schedule: one accelerator state serves both stages.
+    warmup_args = dataclasses.replace(
+        training_args,
         output_dir=str(warmup_dir),
         num_train_epochs=model_args.visual_warmup_epochs,
-        per_device_train_batch_size=training_args.per_device_train_batch_size,
-        per_device_eval_batch_size=training_args.per_device_eval_batch_size,
+        max_steps=-1,
         learning_rate=model_args.visual_warmup_learning_rate,
         lr_scheduler_type="constant",
+        warmup_steps=0,
         weight_decay=0.0,
         eval_strategy="epoch" if eval_dataset is not None else "no",
         save_strategy="no",
-        logging_steps=training_args.logging_steps,
+        load_best_model_at_end=False,
+        metric_for_best_model=None,
+        predict_with_generate=False,
         report_to="none",
         remove_unused_columns=False,
         label_names=["disease_labels"],
-        seed=training_args.seed,
-        dataloader_num_workers=training_args.dataloader_num_workers,
-        dataloader_pin_memory=training_args.dataloader_pin_memory,
-        use_cpu=training_args.use_cpu,
-        disable_tqdm=training_args.disable_tqdm,
+        resume_from_checkpoint=None,
     )
     collator = partial(CdanDataCollator, processor, uncertain_label_as=training_args.uncertain_label_as,
                        include_reports=False)  # fmt: skip
@@ -668,8 +673,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     if preset not in PRESETS:
         raise ValueError(f"Unknown --preset {preset!r}; choose one of {sorted(PRESETS)}.")
     parser.set_defaults(**{**COMMON_TRAINING_DEFAULTS, **PRESETS[preset]})
-    if int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available():
-        parser.set_defaults(use_cpu=True)  # several processes on a machine without GPUs: DDP over gloo
+    if not torch.accelerator.is_available():
+        parser.set_defaults(use_cpu=True)  # no accelerator: DDP over gloo, and --bf16 as CPU autocast
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.max_length

@@ -2,6 +2,10 @@
 
     python scripts/benchmark_training.py                       # full-size and demo configurations, 2 threads
     python scripts/benchmark_training.py --configurations demo --steps 3
+    python scripts/benchmark_training.py --configurations full-size --precisions fp32 bf16
+
+Each configuration runs in float32 and, with `--precisions ... bf16`, under bfloat16 autocast (what `train.py --bf16`
+does; on CPUs with AVX512-BF16 or AMX it is much faster and stores activations at half the size).
 
 For each configuration (each in a fresh subprocess, so peak resident memory is its own):
 - training samples/s and seconds per optimizer step, end to end (Adam with AMSGrad, as train.py);
@@ -61,9 +65,10 @@ def timed(function, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure(name: str, steps: int, threads: int) -> dict:
+def measure(name: str, steps: int, threads: int, precision: str = "fp32") -> dict:
     """All measurements of one configuration, in this process."""
     torch.set_num_threads(threads)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.manual_seed(0)
     spec = CONFIGURATIONS[name]
     config = CdanConfig(
@@ -79,32 +84,38 @@ def measure(name: str, steps: int, threads: int) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
 
     def cdan_loss(outputs) -> torch.Tensor:
-        mlc = torch.nn.functional.binary_cross_entropy_with_logits(outputs.disease_logits, disease_targets)
-        sc = torch.nn.functional.mse_loss(outputs.visual_semantics, semantic_targets)
+        mlc = torch.nn.functional.binary_cross_entropy_with_logits(outputs.disease_logits.float(), disease_targets)
+        sc = torch.nn.functional.mse_loss(outputs.visual_semantics.float(), semantic_targets)
         return outputs.loss + mlc + sc
 
     def end_to_end_step():
         optimizer.zero_grad(set_to_none=True)
-        cdan_loss(model(pixel_values=pixel_values, labels=labels)).backward()
+        with autocast:
+            loss = cdan_loss(model(pixel_values=pixel_values, labels=labels))
+        loss.backward()
         optimizer.step()
 
     step_seconds = timed(end_to_end_step, steps)
 
     encoder, extractor = model.model.encoder, model.model.encoder.visual_extractor
-    with torch.no_grad():
-        visual_features = extractor(pixel_values)
+    with torch.no_grad(), autocast:
+        visual_features = extractor(pixel_values).float()
         encoder_states = encoder(visual_features=visual_features)
 
     def extractor_part():
-        extractor(pixel_values).sum().backward()
+        with autocast:
+            features = extractor(pixel_values)
+        features.float().sum().backward()
 
     def encoder_part():
-        outputs = encoder(visual_features=visual_features)
-        (outputs.last_hidden_state.sum() + outputs.disease_logits.sum()).backward()
+        with autocast:
+            outputs = encoder(visual_features=visual_features)
+        (outputs.last_hidden_state.float().sum() + outputs.disease_logits.float().sum()).backward()
 
     def decoder_part():
-        outputs = model(encoder_outputs=encoder_states, labels=labels)
-        outputs.loss.backward()
+        with autocast:
+            loss = model(encoder_outputs=encoder_states, labels=labels).loss
+        loss.backward()
 
     def optimizer_part():
         optimizer.step()
@@ -120,15 +131,18 @@ def measure(name: str, steps: int, threads: int) -> dict:
 
     def cached_step():
         cached_optimizer.zero_grad(set_to_none=True)
-        cdan_loss(model(visual_features=visual_features, labels=labels)).backward()
+        with autocast:
+            loss = cdan_loss(model(visual_features=visual_features, labels=labels))
+        loss.backward()
         cached_optimizer.step()
 
     cached_step_seconds = timed(cached_step, steps)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         extraction_seconds = timed(lambda: extractor(pixel_values), 1)
 
     return {
         "configuration": name,
+        "precision": precision,
         "visual_extractor": spec["visual_extractor"],
         "image_size": spec["image_size"],
         "batch_size": batch_size,
@@ -156,14 +170,15 @@ def measure_text_encoder(threads: int, num_reports: int = 64) -> dict:
 
 def markdown(rows: list[dict], text_encoder: dict) -> str:
     lines = [
-        "| configuration | batch | step s | samples/s | extractor s | encoder s | decoder s | optimizer s | SC text "
+        "| configuration | precision | batch | step s | samples/s | extractor s | encoder s | decoder s | optimizer s | SC text "
         "encoder s/step | cached step s | cached speed-up/epoch | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         split = row["split_seconds"]
         lines.append(
-            f"| {row['configuration']} ({row['visual_extractor']}, {row['image_size']} px) | {row['batch_size']} | "
+            f"| {row['configuration']} ({row['visual_extractor']}, {row['image_size']} px) | {row['precision']} | "
+            f"{row['batch_size']} | "
             f"{row['step_seconds']:.2f} | {row['samples_per_second']:.2f} | {split['extractor']:.2f} | "
             f"{split['encoder']:.2f} | {split['decoder']:.2f} | {split['optimizer']:.2f} | "
             f"{text_encoder['per_step_seconds']:.1f} | {row['cached_step_seconds']:.2f} | "
@@ -175,22 +190,26 @@ def markdown(rows: list[dict], text_encoder: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="Timed steps after one warm-up step.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_json", default="outputs/benchmark_training.json")
     parser.add_argument("--single", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.single:  # child process: measure one configuration and print its JSON
-        print(json.dumps(measure(args.single, args.steps, args.threads)))
+        print(json.dumps(measure(args.single, args.steps, args.threads, args.precision)))
         return
 
     rows = []
     for name in args.configurations:
-        command = [sys.executable, __file__, "--single", name, "--steps", str(args.steps), "--threads", str(args.threads)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(f"measured {name}: {rows[-1]['step_seconds']:.2f} s/step", file=sys.stderr)
+        for precision in args.precisions:
+            command = [sys.executable, __file__, "--single", name, "--precision", precision, "--steps", str(args.steps),
+                       "--threads", str(args.threads)]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"measured {name} {precision}: {rows[-1]['step_seconds']:.2f} s/step", file=sys.stderr)
     text_encoder = measure_text_encoder(args.threads)
     print(markdown(rows, text_encoder))
     print(
@@ -205,11 +224,12 @@ def main() -> None:
             "peak_rss_mb": row["peak_rss_mb"] <= TARGETS["peak_rss_mb"],
             "cached_speedup": row["cached_speedup_per_epoch"] >= TARGETS["cached_speedup"],
         }
-        print(f"full-size step {row['step_seconds']:.2f} s (target <= {TARGETS['step_seconds']} s): "
+        label = f"full-size {row['precision']}"
+        print(f"{label} step {row['step_seconds']:.2f} s (target <= {TARGETS['step_seconds']} s): "
               f"{'PASS' if checks['step_seconds'] else 'FAIL'}")
-        print(f"full-size peak RSS {row['peak_rss_mb']:.0f} MB (target <= {TARGETS['peak_rss_mb']} MB): "
+        print(f"{label} peak RSS {row['peak_rss_mb']:.0f} MB (target <= {TARGETS['peak_rss_mb']} MB): "
               f"{'PASS' if checks['peak_rss_mb'] else 'FAIL'}")
-        print(f"cached mode {row['cached_speedup_per_epoch']:.1f}x faster per epoch (target >= 10x): "
+        print(f"{label} cached mode {row['cached_speedup_per_epoch']:.1f}x faster per epoch (target >= 10x): "
               f"{'PASS' if checks['cached_speedup'] else 'FAIL'}")  # fmt: skip
         row["targets_met"] = checks
     output = Path(args.output_json)

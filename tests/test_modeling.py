@@ -251,6 +251,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(model.get_parameter(name).grad, gradient, msg=name)
 
 
+def test_channels_last_extractor_gives_the_same_features_as_the_default_format():
+    channels_last = tiny_model(visual_extractor_channels_last=True).eval()
+    default_format = tiny_model(visual_extractor_channels_last=False).eval()
+    pixel_values = study_batch()
+    input_formats = []
+    for model in (channels_last, default_format):
+        model.model.encoder.visual_extractor.backbone.conv1.register_forward_pre_hook(
+            lambda module, args: input_formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            channels_last.model.encoder.visual_extractor(pixel_values),
+            default_format.model.encoder.visual_extractor(pixel_values),
+        )
+    assert input_formats == [True, False]
+
+
 def test_sdpa_and_eager_models_agree():
     eager = tiny_model(attn_implementation="eager").eval()
     sdpa = tiny_model(attn_implementation="sdpa").eval()

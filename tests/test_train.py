@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -378,3 +379,26 @@ def test_resumed_run_reads_the_warmed_up_extractor_instead_of_training_again(tin
     assert metrics == {}
     for name, tensor in model.model.encoder.visual_extractor.state_dict().items():
         assert torch.equal(tensor, saved.state_dict()[name]), name
+
+
+SHORT_RUN = ["--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
+             "--do_predict", "False"]  # fmt: skip
+
+
+def test_warmed_up_extractor_is_frozen_and_cached_for_report_training(r2gen_fixture, tmp_path):
+    output_dir = tmp_path / "warm"
+    run_training(*training_command(
+        r2gen_fixture, output_dir, *SHORT_RUN, "--visual_warmup_epochs", "1", "--cache_visual_features", "True"
+    ))  # fmt: skip
+    warmed_up = load_file(output_dir / "visual_warmup" / "visual_extractor.safetensors")
+    trained = final_weights(output_dir)
+    for name, tensor in warmed_up.items():
+        torch.testing.assert_close(trained[f"model.encoder.visual_extractor.{name}"], tensor, msg=name)
+
+
+def test_bf16_autocast_trains_on_a_machine_without_gpus(r2gen_fixture, tmp_path):
+    output_dir = tmp_path / "bf16"
+    run_training(*training_command(r2gen_fixture, output_dir, *SHORT_RUN, "--bf16", "True"))
+    with (output_dir / "training_log.csv").open() as handle:
+        losses = [float(row["value"]) for row in csv.DictReader(handle) if row["key"] == "loss_text"]
+    assert losses and all(math.isfinite(loss) for loss in losses)
