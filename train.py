@@ -2,7 +2,7 @@
 
 Launch commands:
 
-    # the main job: the embedded demo set, a small configuration, <= 10 minutes on 2 CPU cores
+    # the main job: the embedded demo set, a small configuration, about 8 minutes on 2 CPU cores
     python train.py
 
     # the published recipes (every value a preset sets can be overridden on the command line)
