@@ -3,6 +3,7 @@
     python scripts/benchmark_training.py                       # full-size and demo configurations, 2 threads
     python scripts/benchmark_training.py --configurations demo --steps 3
     python scripts/benchmark_training.py --configurations full-size --precisions fp32 bf16
+    python scripts/benchmark_training.py --configurations full-size --precisions fp32 --gradient_checkpointing
 
 Each configuration runs in float32 and, with `--precisions ... bf16`, under bfloat16 autocast (what `train.py --bf16`
 does; on CPUs with AVX512-BF16 or AMX it is much faster and stores activations at half the size).
@@ -65,7 +66,7 @@ def timed(function, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure(name: str, steps: int, threads: int, precision: str = "fp32") -> dict:
+def measure(name: str, steps: int, threads: int, precision: str = "fp32", gradient_checkpointing: bool = False) -> dict:
     """All measurements of one configuration, in this process."""
     torch.set_num_threads(threads)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -76,6 +77,8 @@ def measure(name: str, steps: int, threads: int, precision: str = "fp32") -> dic
         **spec["overrides"],
     )  # fmt: skip
     model = CdanForConditionalGeneration(config).train()
+    if gradient_checkpointing:  # the transformer layers and the timm backbone's stages recompute their activations
+        model.gradient_checkpointing_enable()
     batch_size = spec["batch_size"]
     pixel_values = torch.randn(batch_size, config.num_views, 3, config.image_size, config.image_size)
     labels = torch.randint(4, VOCAB_SIZE, (batch_size, REPORT_LENGTH))
@@ -142,7 +145,7 @@ def measure(name: str, steps: int, threads: int, precision: str = "fp32") -> dic
 
     return {
         "configuration": name,
-        "precision": precision,
+        "precision": precision + (" + checkpointing" if gradient_checkpointing else ""),
         "visual_extractor": spec["visual_extractor"],
         "image_size": spec["image_size"],
         "batch_size": batch_size,
@@ -192,6 +195,7 @@ def main() -> None:
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="Timed steps after one warm-up step.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_json", default="outputs/benchmark_training.json")
     parser.add_argument("--single", help=argparse.SUPPRESS)
@@ -199,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.single:  # child process: measure one configuration and print its JSON
-        print(json.dumps(measure(args.single, args.steps, args.threads, args.precision)))
+        print(json.dumps(measure(args.single, args.steps, args.threads, args.precision, args.gradient_checkpointing)))
         return
 
     rows = []
@@ -207,6 +211,8 @@ def main() -> None:
         for precision in args.precisions:
             command = [sys.executable, __file__, "--single", name, "--precision", precision, "--steps", str(args.steps),
                        "--threads", str(args.threads)]  # fmt: skip
+            if args.gradient_checkpointing:
+                command.append("--gradient_checkpointing")
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(f"measured {name} {precision}: {rows[-1]['step_seconds']:.2f} s/step", file=sys.stderr)
