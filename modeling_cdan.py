@@ -344,6 +344,16 @@ class CdanAttention(nn.Module):
         query_states, key_states, value_states = self.project_query_key_value(
             hidden_states, key_value_states, cache
         )
+        queries_per_memory = query_states.shape[0] // key_states.shape[0]
+        if query_states.shape[0] != queries_per_memory * key_states.shape[0] or (
+            queries_per_memory > 1 and attention_mask is not None
+        ):
+            raise ValueError(
+                f"Cannot attend {query_states.shape[0]} query sequences to {key_states.shape[0]} memories: the number "
+                "of queries must be a multiple of the number of memories, with no attention mask."
+            )
+        if queries_per_memory > 1:  # the beams of one study share its memory: one attention call per study
+            query_states = query_states.unflatten(0, (-1, queries_per_memory)).transpose(1, 2).flatten(2, 3)
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
@@ -355,7 +365,11 @@ class CdanAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
-        )
+        )  # (B, T, H, D), or (B_memory, k*T, H, D) for grouped queries
+        if queries_per_memory > 1:
+            attn_output = attn_output.unflatten(1, (queries_per_memory, -1)).flatten(0, 1)  # (B, T, H, D)
+            if attn_weights is not None:
+                attn_weights = attn_weights.unflatten(2, (queries_per_memory, -1)).transpose(1, 2).flatten(0, 1)
         attn_output = self.out_proj(attn_output.flatten(2))  # (B, T, C)
         return attn_output, attn_weights
 
@@ -907,10 +921,30 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> CdanDecoder:
         return self.model.decoder
 
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor, dict]:
+        """
+        Expand the decoder inputs over beams (or returned sequences), but keep one copy of the encoder memory `u_s`
+        per study. The cross-attention groups the queries of a study's beams (see `CdanAttention.forward`), so the
+        memory's keys and values are projected, cached and read once per study instead of once per beam.
+        """
+        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        if is_encoder_decoder and encoder_outputs is None:
+            raise ValueError("`generate()` needs `encoder_outputs` here; pass `pixel_values` or `visual_features`.")
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
+        if encoder_outputs is not None:
+            model_kwargs["encoder_outputs"] = encoder_outputs
+        return input_ids, model_kwargs
+
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
         """
         Beam search only moves hypotheses between the beams of one study, which share the encoder memory: reorder the
-        self-attention keys and values, and leave the larger cross-attention ones (2N + k tokens) in place.
+        self-attention keys and values, and leave the cross-attention ones (one row per study, 2N + k tokens) in place.
         """
         cache.self_attention_cache.reorder_cache(beam_idx)
         return cache

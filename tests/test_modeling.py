@@ -183,6 +183,31 @@ def test_negative_attention_sdpa_identity_matches_explicit_weights(renormalize):
     torch.testing.assert_close(fused, explicit)
 
 
+@pytest.mark.parametrize("output_attentions", [False, True])  # the SDPA kernel, and eager with its weights
+def test_cross_attention_groups_the_beams_of_one_study_exactly(output_attentions):
+    cross_attention = tiny_model(attn_implementation="sdpa").model.decoder.layers[0].encoder_attn.eval()
+    generator = torch.Generator().manual_seed(3)
+    memory = torch.randn(2, 11, 32, generator=generator)  # two studies
+    beam_queries = torch.randn(2 * 3, 4, 32, generator=generator)  # three beams each, study-major
+    with torch.no_grad():
+        grouped = cross_attention(beam_queries, memory, output_attentions=output_attentions)
+        expanded = cross_attention(beam_queries, memory.repeat_interleave(3, dim=0), output_attentions=output_attentions)
+    torch.testing.assert_close(grouped[0], expanded[0])
+    if output_attentions:
+        torch.testing.assert_close(grouped[1], expanded[1])
+
+
+def test_generation_keeps_one_encoder_memory_per_study():
+    model = tiny_model().eval()
+    memory_batch_sizes = []
+    model.model.decoder.layers[0].encoder_attn.k_proj.register_forward_hook(
+        lambda module, args, output: memory_batch_sizes.append(output.shape[0])
+    )
+    generated = model.generate(pixel_values=study_batch(), num_beams=3, max_length=8)
+    assert generated.shape[0] == 2
+    assert memory_batch_sizes == [2]  # projected once, for two studies, then read from the cache
+
+
 def test_top_k_disease_words_follow_the_most_probable_observations():
     model = tiny_model()
     reverse_attention = model.model.encoder.reverse_attention
