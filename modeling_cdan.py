@@ -314,9 +314,7 @@ class CdanAttention(nn.Module):
         layer_cache, cross_is_cached = cache, False
         if isinstance(cache, EncoderDecoderCache):
             cross_is_cached = is_cross_attention and cache.is_updated.get(self.layer_idx, False)
-            layer_cache = (
-                cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
-            )
+            layer_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
         if cross_is_cached:  # the encoder memory does not change during generation: reuse its keys and values
             key_states = layer_cache.layers[self.layer_idx].keys
             value_states = layer_cache.layers[self.layer_idx].values
@@ -341,13 +339,9 @@ class CdanAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries from `hidden_states` `(B, T, C)`; keys and values from `key_value_states` `(B, S, C)` if given."""
-        query_states, key_states, value_states = self.project_query_key_value(
-            hidden_states, key_value_states, cache
-        )
-        queries_per_memory = query_states.shape[0] // key_states.shape[0]
-        if query_states.shape[0] != queries_per_memory * key_states.shape[0] or (
-            queries_per_memory > 1 and attention_mask is not None
-        ):
+        query_states, key_states, value_states = self.project_query_key_value(hidden_states, key_value_states, cache)
+        queries_per_memory, unmatched = divmod(query_states.shape[0], key_states.shape[0])
+        if unmatched or (queries_per_memory > 1 and attention_mask is not None):
             raise ValueError(
                 f"Cannot attend {query_states.shape[0]} query sequences to {key_states.shape[0]} memories: the number "
                 "of queries must be a multiple of the number of memories, with no attention mask."
@@ -748,11 +742,7 @@ class CdanDecoder(CdanPreTrainedModel):
         position_ids = torch.arange(past_length, past_length + target_length, device=inputs_embeds.device)
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_length + target_length, device=inputs_embeds.device)
-        self_attention_cache = (
-            cache.self_attention_cache
-            if isinstance(cache, EncoderDecoderCache)
-            else cache
-        )
+        self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,

@@ -48,7 +48,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -642,14 +641,15 @@ def warm_up_visual_extractor(
         label_names=["disease_labels"],
         resume_from_checkpoint=None,
     )
-    collator = partial(CdanDataCollator, processor, uncertain_label_as=training_args.uncertain_label_as,
-                       include_reports=False)  # fmt: skip
+    collator = CdanDataCollator(
+        processor, augment=data_args.augment, uncertain_label_as=training_args.uncertain_label_as, include_reports=False
+    )
     trainer = Trainer(
         model=VisualWarmupModel(extractor, model.config.num_observations),
         args=warmup_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collator(augment=data_args.augment),
+        data_collator=collator,
         compute_metrics=mean_auroc,
         callbacks=[LossTermsCallback(str(warmup_dir))],
     )

@@ -173,16 +173,15 @@ def measure_text_encoder(threads: int, num_reports: int = 64) -> dict:
 
 def markdown(rows: list[dict], text_encoder: dict) -> str:
     lines = [
-        "| configuration | precision | batch | step s | samples/s | extractor s | encoder s | decoder s | optimizer s | SC text "
-        "encoder s/step | cached step s | cached speed-up/epoch | peak RSS MB |",
+        "| configuration | precision | batch | step s | samples/s | extractor s | encoder s | decoder s | "
+        "optimizer s | SC text encoder s/step | cached step s | cached speed-up/epoch | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         split = row["split_seconds"]
         lines.append(
             f"| {row['configuration']} ({row['visual_extractor']}, {row['image_size']} px) | {row['precision']} | "
-            f"{row['batch_size']} | "
-            f"{row['step_seconds']:.2f} | {row['samples_per_second']:.2f} | {split['extractor']:.2f} | "
+            f"{row['batch_size']} | {row['step_seconds']:.2f} | {row['samples_per_second']:.2f} | {split['extractor']:.2f} | "
             f"{split['encoder']:.2f} | {split['decoder']:.2f} | {split['optimizer']:.2f} | "
             f"{text_encoder['per_step_seconds']:.1f} | {row['cached_step_seconds']:.2f} | "
             f"{row['cached_speedup_per_epoch']:.1f}x | {row['peak_rss_mb']:.0f} |"
