@@ -61,6 +61,10 @@ class CdanConfig(PreTrainedConfig):
             Feed the CNN channels-last images, so its convolutions run in channels-last memory format, which oneDNN
             (CPU) and cuDNN (GPU, mixed precision) compute faster. Results agree with the default format up to
             floating-point rounding.
+        prepacked_cpu_linear (`bool`, *optional*, defaults to `True`):
+            For CPU float32 inference, multiply with linear weights that oneDNN has prepacked once (see
+            `CdanLinear`), about 2x faster than `F.linear` in the decoding steps. Results agree up to floating-point
+            rounding; training and GPUs are unaffected.
         image_size (`int`, *optional*, defaults to 224):
             Side of the square input image.
         num_views (`int`, *optional*, defaults to 2):
@@ -140,6 +144,7 @@ class CdanConfig(PreTrainedConfig):
     visual_extractor_weights: str | None = None
     visual_extractor_kwargs: dict | None = None
     visual_extractor_channels_last: bool = True
+    prepacked_cpu_linear: bool = True
     image_size: int = 224
     num_views: int = 2
     use_reverse_attention: bool = True

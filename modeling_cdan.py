@@ -256,6 +256,90 @@ class CdanVisualExtractor(nn.Module):
         self.backbone.load_state_dict(matched, strict=True)
 
 
+class CdanLinear(nn.Linear):
+    """
+    `nn.Linear` with a faster path for CPU inference.
+
+    Without autograd or autocast, on a float32 CPU weight, it multiplies with a copy of the weight that oneDNN has
+    reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the prepacking that
+    `torch.compile`'s CPU freezing pass applies), where `F.linear`'s BLAS call repacks the weight at every call. That
+    repacking dominates when few rows meet a large weight, as in each decoding step (batch x beams rows): there the
+    packed product is about 2x faster. Results agree with `F.linear` up to float32 rounding. Inputs of more than
+    `max_packed_rows` rows take `F.linear`: the BLAS repacking is amortised there, and oneDNN's large products raised
+    the peak memory of generation without the cache by 0.4 GB at batch 8.
+
+    The packed copy is built at the first such call, rebuilt when the weight is replaced or changed in place, dropped
+    when the module moves, is copied or trains, and never saved: the state dict is that of `nn.Linear`. Everywhere
+    else (training, GPUs, other dtypes, autocast, `torch.compile`, tracing) the layer is a plain `nn.Linear`.
+
+    Args:
+        in_features (`int`):
+            Width of the input.
+        out_features (`int`):
+            Width of the output.
+        bias (`bool`, *optional*, defaults to `True`):
+            Whether to add a learned bias.
+        prepack_on_cpu (`bool`, *optional*, defaults to `True`):
+            Allow the packed CPU inference path (`CdanConfig.prepacked_cpu_linear`).
+    """
+
+    max_packed_rows = 256
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, prepack_on_cpu: bool = True, **kwargs):
+        super().__init__(in_features, out_features, bias=bias, **kwargs)
+        self.prepack_on_cpu = prepack_on_cpu
+        self._drop_packed_weight()
+
+    def _drop_packed_weight(self) -> None:
+        self._packed_weight: torch.Tensor | None = None
+        # the weight's storage (held, so that its address cannot be reused) and version when it was packed
+        self._packed_from: tuple[torch.UntypedStorage, int, int] | None = None
+
+    def uses_packed_weight(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this call takes the packed oneDNN path (see the class docstring)."""
+        weight = self.weight
+        return (
+            self.prepack_on_cpu
+            and not torch.is_grad_enabled()
+            and weight.device.type == "cpu"
+            and weight.dtype == hidden_states.dtype == torch.float32
+            and hidden_states.shape[-1] == self.in_features
+            and hidden_states.numel() <= self.max_packed_rows * self.in_features
+            and not weight.is_inference()  # inference tensors keep no version counter to detect in-place changes
+            and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
+        )
+
+    def packed_weight(self) -> torch.Tensor:
+        """The oneDNN-packed weight, packed again if the weight changed since it was last packed."""
+        weight = self.weight
+        source = (weight.untyped_storage(), weight.data_ptr(), weight._version)
+        if self._packed_from is None or self._packed_from[1:] != source[1:]:
+            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            self._packed_from = source
+        return self._packed_weight
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.uses_packed_weight(hidden_states):
+            return super().forward(hidden_states)
+        return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight(), self.bias, "none", [], "")
+
+    def train(self, mode: bool = True) -> "CdanLinear":
+        if mode:
+            self._drop_packed_weight()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._drop_packed_weight()  # `.to()`, `.float()`, ... give the weight new storage
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_packed_weight": None, "_packed_from": None}
+
+
 class CdanAttention(nn.Module):
     """
     Multi-head softmax attention, `Attention(Q, K, V) = softmax(QK^T / sqrt(d)) V`.
@@ -296,10 +380,11 @@ class CdanAttention(nn.Module):
         self.dropout = dropout
         self.is_causal = is_causal
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        prepack = config.prepacked_cpu_linear
+        self.q_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
+        self.k_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
+        self.v_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
+        self.out_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
 
     def project_query_key_value(
         self,
@@ -441,7 +526,7 @@ class CdanReverseAttention(nn.Module):
         self.positive_layer_norm = nn.LayerNorm(width)
         self.negative_layer_norm = nn.LayerNorm(width)
         self.discrepancy_layer_norm = nn.LayerNorm(width)
-        self.disease_classifier = nn.Linear(width, config.num_observations)
+        self.disease_classifier = CdanLinear(width, config.num_observations, prepack_on_cpu=config.prepacked_cpu_linear)
         self.disease_embeddings = nn.Embedding(config.num_observations, width)
 
     def select_disease_words(self, disease_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,8 +571,8 @@ class CdanFeedForward(nn.Module):
 
     def __init__(self, config: CdanConfig, ffn_dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(config.d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, config.d_model)
+        self.fc1 = CdanLinear(config.d_model, ffn_dim, prepack_on_cpu=config.prepacked_cpu_linear)
+        self.fc2 = CdanLinear(ffn_dim, config.d_model, prepack_on_cpu=config.prepacked_cpu_linear)
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
 
@@ -595,7 +680,9 @@ class CdanEncoder(CdanPreTrainedModel):
     def __init__(self, config: CdanConfig):
         super().__init__(config)
         self.visual_extractor = CdanVisualExtractor(config)
-        self.visual_projection = nn.Linear(self.visual_extractor.num_features, config.d_model)
+        self.visual_projection = CdanLinear(
+            self.visual_extractor.num_features, config.d_model, prepack_on_cpu=config.prepacked_cpu_linear
+        )
         self.reverse_attention = CdanReverseAttention(config) if config.use_reverse_attention else None
         self.segment_embeddings = nn.Embedding(3, config.d_model) if config.use_reverse_attention else None
         self.dropout = config.dropout
@@ -863,7 +950,9 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     def __init__(self, config: CdanConfig):
         super().__init__(config)
         self.model = CdanModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = CdanLinear(
+            config.d_model, config.vocab_size, bias=False, prepack_on_cpu=config.prepacked_cpu_linear
+        )
         self.semantic_projection = (
             nn.Linear(config.d_model, config.semantic_dim) if config.use_semantic_consistency else None
         )

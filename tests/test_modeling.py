@@ -1,13 +1,17 @@
 """Behaviour of the CDAN model on tiny random configurations (CPU, offline)."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from configuration_cdan import ABLATIONS, CdanConfig
 from modeling_cdan import (
     CdanForConditionalGeneration,
     CdanNegativeAttention,
     CdanAttention,
+    CdanLinear,
     CdanVisualExtractor,
 )
 
@@ -291,6 +295,74 @@ def test_channels_last_extractor_gives_the_same_features_as_the_default_format()
             default_format.model.encoder.visual_extractor(pixel_values),
         )
     assert input_formats == [True, False]
+
+
+def prepacked_linear(seed: int = 0) -> CdanLinear:
+    torch.manual_seed(seed)
+    return CdanLinear(16, 24).eval()
+
+
+def test_prepacked_linear_matches_f_linear_without_autograd():
+    layer, hidden_states = prepacked_linear(), torch.randn(5, 3, 16)
+    with torch.no_grad():
+        assert layer.uses_packed_weight(hidden_states)
+        packed_output = layer(hidden_states)
+    assert layer._packed_weight is not None and layer._packed_weight.is_mkldnn
+    torch.testing.assert_close(packed_output, nn.functional.linear(hidden_states, layer.weight, layer.bias))
+
+
+def test_prepacked_linear_follows_in_place_weight_updates():
+    layer, hidden_states = prepacked_linear(), torch.randn(4, 16)
+    with torch.no_grad():
+        layer(hidden_states)
+        layer.weight.mul_(-2.0)  # an optimizer step or `load_state_dict` changes the weight in place
+        updated_output = layer(hidden_states)
+        expected = nn.functional.linear(hidden_states, layer.weight, layer.bias)
+    torch.testing.assert_close(updated_output, expected)
+
+
+def test_prepacked_linear_follows_a_replaced_weight():
+    layer, hidden_states = prepacked_linear(), torch.randn(4, 16)
+    with torch.no_grad():
+        layer(hidden_states)
+        layer.weight = nn.Parameter(torch.randn(24, 16))
+        replaced_output = layer(hidden_states)
+        expected = nn.functional.linear(hidden_states, layer.weight, layer.bias)
+    torch.testing.assert_close(replaced_output, expected)
+
+
+@pytest.mark.parametrize("setting", ["autograd", "autocast", "switched_off", "inference_tensor_weight", "many_rows"])
+def test_prepacked_linear_falls_back_to_nn_linear(setting):
+    torch.manual_seed(0)
+    with torch.inference_mode(setting == "inference_tensor_weight"):
+        layer = CdanLinear(16, 24, prepack_on_cpu=setting != "switched_off")
+    hidden_states = torch.randn(2, CdanLinear.max_packed_rows if setting == "many_rows" else 2, 16)
+    with (
+        torch.set_grad_enabled(setting == "autograd"),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"),
+    ):
+        assert not layer.uses_packed_weight(hidden_states)
+        layer(hidden_states)
+    assert layer._packed_weight is None
+
+
+def test_prepacked_linear_saves_and_copies_like_nn_linear():
+    layer, hidden_states = prepacked_linear(), torch.randn(4, 16)
+    with torch.no_grad():
+        expected = layer(hidden_states)
+        copied = copy.deepcopy(layer)
+        assert copied._packed_weight is None and set(layer.state_dict()) == {"weight", "bias"}
+        torch.testing.assert_close(copied(hidden_states), expected)
+
+
+def test_prepacked_linear_layers_do_not_change_the_reports():
+    prepacked, plain = tiny_model(prepacked_cpu_linear=True).eval(), tiny_model(prepacked_cpu_linear=False).eval()
+    pixel_values = study_batch()
+    reports = [model.generate(pixel_values=pixel_values, num_beams=3, max_length=12) for model in (prepacked, plain)]
+    packed_layers = [module for module in prepacked.modules() if getattr(module, "_packed_weight", None) is not None]
+    assert torch.equal(reports[0], reports[1])
+    assert prepacked.lm_head in packed_layers and prepacked.model.decoder.layers[0].feed_forward.fc1 in packed_layers
+    assert not any(getattr(module, "_packed_weight", None) is not None for module in plain.modules())
 
 
 def test_sdpa_and_eager_models_agree():
