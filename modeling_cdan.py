@@ -325,7 +325,13 @@ class CdanLinear(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.uses_packed_weight(hidden_states):
             return super().forward(hidden_states)
-        return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight(), self.bias, "none", [], "")
+        try:
+            return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight(), self.bias, "none", [], "")
+        except (AttributeError, NotImplementedError, RuntimeError) as error:  # a PyTorch build without these ops
+            logger.warning_once(f"Prepacked CPU linear layers are unavailable ({error}); using `F.linear` instead.")
+            self.prepack_on_cpu = False
+            self._drop_packed_weight()
+            return super().forward(hidden_states)
 
     def train(self, mode: bool = True) -> "CdanLinear":
         if mode:

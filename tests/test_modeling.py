@@ -346,6 +346,18 @@ def test_prepacked_linear_falls_back_to_nn_linear(setting):
     assert layer._packed_weight is None
 
 
+def test_prepacked_linear_without_the_onednn_ops_falls_back_to_f_linear(monkeypatch):
+    def missing_operator(*args):
+        raise RuntimeError("No such operator mkldnn::_reorder_linear_weight")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing_operator)
+    layer, hidden_states = prepacked_linear(), torch.randn(4, 16)
+    with torch.no_grad():
+        output = layer(hidden_states)
+    torch.testing.assert_close(output, nn.functional.linear(hidden_states, layer.weight, layer.bias))
+    assert not layer.prepack_on_cpu
+
+
 def test_prepacked_linear_saves_and_copies_like_nn_linear():
     layer, hidden_states = prepacked_linear(), torch.randn(4, 16)
     with torch.no_grad():
