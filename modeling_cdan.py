@@ -292,8 +292,8 @@ class CdanLinear(nn.Linear):
 
     def _drop_packed_weight(self) -> None:
         self._packed_weight: torch.Tensor | None = None
-        # the weight's storage (held, so that its address cannot be reused) and version when it was packed
-        self._packed_from: tuple[torch.UntypedStorage, int, int] | None = None
+        self._packed_weight_key: tuple[int, int] | None = None  # the weight's address and version when packed
+        self._packed_weight_storage: torch.UntypedStorage | None = None  # held, so the address cannot be reused
 
     def uses_packed_weight(self, hidden_states: torch.Tensor) -> bool:
         """Whether this call takes the packed oneDNN path (see the class docstring)."""
@@ -316,10 +316,10 @@ class CdanLinear(nn.Linear):
     def packed_weight(self) -> torch.Tensor:
         """The oneDNN-packed weight, packed again if the weight changed since it was last packed."""
         weight = self.weight
-        source = (weight.untyped_storage(), weight.data_ptr(), weight._version)
-        if self._packed_from is None or self._packed_from[1:] != source[1:]:
+        key = (weight.data_ptr(), weight._version)
+        if key != self._packed_weight_key:
             self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            self._packed_from = source
+            self._packed_weight_key, self._packed_weight_storage = key, weight.untyped_storage()
         return self._packed_weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -343,7 +343,8 @@ class CdanLinear(nn.Linear):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_packed_weight": None, "_packed_from": None}
+        state = super().__getstate__()
+        return {**state, "_packed_weight": None, "_packed_weight_key": None, "_packed_weight_storage": None}
 
 
 class CdanAttention(nn.Module):

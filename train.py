@@ -355,11 +355,8 @@ class CdanDataCollator:
     include_reports: bool = True
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        texts = [row["findings"] for row in rows]
-        if not self.include_reports:
-            images = [row["images"] for row in rows]
-            batch = {"pixel_values": self.processor(images=images, do_augment=self.augment)["pixel_values"]}
-        elif "visual_features" in rows[0]:
+        texts = [row["findings"] for row in rows] if self.include_reports else None
+        if "visual_features" in rows[0]:
             batch = dict(self.processor(text=texts, return_tensors="pt"))
             batch["visual_features"] = torch.stack([torch.as_tensor(np.asarray(row["visual_features"])) for row in rows])
         else:
