@@ -37,6 +37,16 @@ ABLATIONS = {
 }
 """The rows of the paper's ablation table (Table 2), as configuration switches."""
 
+MODEL_SIZES = {
+    "default": {},
+    "paper-82m": {"encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096},
+}
+"""
+Named model sizes. The paper gives 82.25 M parameters but not every width; the default (standard 2048-wide feed-forward
+blocks) has 69.84 M. `paper-82m` doubles the six feed-forward widths, which gives 82.43 M, within 0.2 % of the paper's
+count (`python scripts/count_parameters.py --model_size paper-82m`).
+"""
+
 
 @strict
 class CdanConfig(PreTrainedConfig):
@@ -63,15 +73,13 @@ class CdanConfig(PreTrainedConfig):
             floating-point rounding.
         prepacked_cpu_linear (`bool`, *optional*, defaults to `True`):
             For CPU float32 inference, multiply with linear weights that oneDNN has prepacked once (see
-            `CdanLinear`), about 2x faster than `F.linear` in the decoding steps. Results agree up to floating-point
+            `CdanLinear`), faster than `F.linear` in the decoding steps. Results agree up to floating-point
             rounding; training and GPUs are unaffected.
-        image_size (`int`, *optional*, defaults to 224):
-            Side of the square input image.
         num_views (`int`, *optional*, defaults to 2):
             Views per study: 2 for IU X-Ray (frontal and lateral), 1 for MIMIC-CXR. Patch features of all views
             are stacked along the token axis, as in R2Gen.
         use_reverse_attention (`bool`, *optional*, defaults to `True`):
-            Use the reverse-attention module (Eq. 5-16). Without it the patch features go straight to the encoder
+            Use the reverse-attention module (Eq. 5-14, 16). Without it the patch features go straight to the encoder
             and there is no disease classifier (the paper's BASE and +SC rows).
         reverse_attention_heads (`int`, *optional*, defaults to 8):
             Heads of the positive, negative and discrepancy attentions.
@@ -117,7 +125,9 @@ class CdanConfig(PreTrainedConfig):
         init_std (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialiser of linear and embedding weights.
         observation_names (`list[str]`, *optional*):
-            Names of the classified observations, in logit order. Defaults to the 14 CheXpert observations.
+            Names of the classified observations, in logit order: the training collator takes the disease labels of
+            these observations, in this order, from each study's 14 CheXpert states. Defaults to the first
+            `num_observations` CheXpert observations.
 
     Example:
 
@@ -145,7 +155,6 @@ class CdanConfig(PreTrainedConfig):
     visual_extractor_kwargs: dict | None = None
     visual_extractor_channels_last: bool = True
     prepacked_cpu_linear: bool = True
-    image_size: int = 224
     num_views: int = 2
     use_reverse_attention: bool = True
     reverse_attention_heads: int = 8
@@ -224,4 +233,4 @@ class CdanConfig(PreTrainedConfig):
 
 CdanConfig.register_for_auto_class()
 
-__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "CdanConfig"]
+__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "MODEL_SIZES", "CdanConfig"]

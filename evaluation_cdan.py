@@ -6,7 +6,8 @@
   compares the 14 CheXpert observations. Positive means the labeler says POSITIVE. UNCERTAIN, NEGATIVE and
   NOT_MENTIONED count as negative, as in the CE evaluations of R2Gen-family papers. Precision, recall and F1 are
   given three ways: micro (pooled over all study-observation pairs), macro (mean over the 14 observations) and
-  example-based (mean over studies). The headline is **macro-F1**.
+  example-based (mean over studies). The headline is **macro-F1**. The same per-observation scores
+  (`precision_recall_f1`, `macro_f1`) validate the labeler against IU X-Ray's MeSH tags (`mesh_cdan`).
 - Reference points, scored on the same split, so that a metric cannot flatter a model that ignores the image:
   the most frequent training report, the best constant report (the training report with the highest validation
   BLEU-4, emitted for every study), and the model's own reports with images shuffled across studies.
@@ -23,17 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
+from tqdm.auto import tqdm
 
-
-try:
-    from .labeler_cdan import label_reports, precision_recall_f1, to_binary
-except ImportError:
-    from labeler_cdan import label_reports, precision_recall_f1, to_binary
+from labeler_cdan import CHEXPERT_OBSERVATIONS, EVALUATION_OBSERVATIONS, label_reports, to_binary
 
 
 NLG_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -91,6 +87,43 @@ def harmonic_mean(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
+def precision_recall_f1(
+    predictions: Sequence[Sequence[int]],
+    references: Sequence[Sequence[int]],
+    observations: Sequence[str] = CHEXPERT_OBSERVATIONS,
+) -> dict[str, dict[str, float]]:
+    """Per-observation precision, recall, F1 and support of 0/1 predictions against 0/1 references.
+
+    Args:
+        predictions (`Sequence[Sequence[int]]`):
+            0/1 predictions, one row per report, columns in `CHEXPERT_OBSERVATIONS` order.
+        references (`Sequence[Sequence[int]]`):
+            0/1 ground truth of the same shape.
+        observations (`Sequence[str]`, *optional*):
+            The observations to score.
+
+    Returns:
+        `dict[str, dict[str, float]]`: For each observation, ``precision``, ``recall``, ``f1`` (0 where undefined),
+        ``support`` (reference positives) and ``predicted`` (predicted positives).
+    """
+    scores = {}
+    for name in observations:
+        column = CHEXPERT_OBSERVATIONS.index(name)
+        true_positives = sum(1 for p, r in zip(predictions, references) if p[column] and r[column])
+        predicted = sum(1 for p in predictions if p[column])
+        support = sum(1 for r in references if r[column])
+        precision = true_positives / predicted if predicted else 0.0
+        recall = true_positives / support if support else 0.0
+        f1 = harmonic_mean(precision, recall)
+        scores[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
+    return scores
+
+
+def macro_f1(scores: dict[str, dict[str, float]], observations: Sequence[str] = EVALUATION_OBSERVATIONS) -> float:
+    """Mean F1 over `observations` (by default `EVALUATION_OBSERVATIONS`, the labeler's nine headline observations)."""
+    return sum(scores[name]["f1"] for name in observations) / len(observations)
+
+
 def compute_clinical_efficacy(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
     """
     CE precision, recall and F1 over the 14 CheXpert observations: micro, macro and example-based.
@@ -106,7 +139,9 @@ def compute_clinical_efficacy(references: Sequence[str], predictions: Sequence[s
     for key, label in (("precision", "P"), ("recall", "R"), ("f1", "F1")):
         scores[f"CE macro-{label}"] = sum(values[key] for values in per_observation.values()) / len(per_observation)
 
-    true_positives = sum(p * r for row_p, row_r in zip(predicted_labels, reference_labels) for p, r in zip(row_p, row_r))
+    true_positives = sum(
+        p * r for row_p, row_r in zip(predicted_labels, reference_labels) for p, r in zip(row_p, row_r)
+    )
     predicted, actual = sum(map(sum, predicted_labels)), sum(map(sum, reference_labels))
     scores["CE micro-P"] = true_positives / predicted if predicted else 0.0
     scores["CE micro-R"] = true_positives / actual if actual else 0.0
@@ -166,7 +201,10 @@ def shuffled_image_predictions(predictions: Sequence[str], seed: int = 0) -> lis
 
 def score_reports(references: Sequence[str], predictions: Sequence[str], with_meteor: bool = True) -> dict[str, float]:
     """NLG and CE metrics together."""
-    return {**compute_nlg_metrics(references, predictions, with_meteor), **compute_clinical_efficacy(references, predictions)}
+    return {
+        **compute_nlg_metrics(references, predictions, with_meteor),
+        **compute_clinical_efficacy(references, predictions),
+    }
 
 
 def evaluate_with_reference_points(
@@ -257,7 +295,8 @@ def generate_reports(model, processor, dataset, batch_size: int = 16, **generati
         else:
             inputs = {"pixel_values": processor(images=rows["images"], return_tensors="pt")["pixel_values"]}
         with torch.inference_mode():
-            generated = model.generate(**{key: value.to(model.device) for key, value in inputs.items()}, **generation_kwargs)
+            inputs = {key: value.to(model.device) for key, value in inputs.items()}
+            generated = model.generate(**inputs, **generation_kwargs)
         reports.extend(processor.batch_decode(generated, skip_special_tokens=True))
     return reports
 
@@ -306,8 +345,10 @@ __all__ = [
     "evaluate_split",
     "evaluate_with_reference_points",
     "generate_reports",
+    "macro_f1",
     "markdown_table",
     "most_frequent_report",
+    "precision_recall_f1",
     "score_reports",
     "shuffled_image_predictions",
     "write_evaluation",

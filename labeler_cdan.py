@@ -1,146 +1,32 @@
 """Rule-based CheXpert-style labeler for chest X-ray reports.
 
-CDAN's reverse-attention module classifies the 14 CheXpert observations, and its clinical-efficacy metrics compare the
-observations found in a generated report with those found in the reference report. IU X-Ray has no CheXpert labels, so
-this module labels free text with hand-written rules in the spirit of the CheXpert labeler: mention extraction, then
-negation and uncertainty detection, then aggregation of the mentions into one state per observation. It is
-deterministic (no model, no randomness) and labels well over 1,000 IU reports per second on one CPU core
-(``docs/labeler.md``).
+Labels the 14 CheXpert observations of a free-text report as POSITIVE, NEGATIVE, UNCERTAIN or NOT_MENTIONED with
+hand-written rules: mention extraction, negation and uncertainty cues with a clause-bounded scope, then aggregation
+into one state per observation. Deterministic, no model. CDAN's disease targets and clinical-efficacy metrics use it,
+because IU X-Ray has no CheXpert labels. The rules, the "No Finding" convention and the validation against IU X-Ray's
+expert MeSH tags (`mesh_cdan`) are described in ``docs/labeler.md``. The phrase lists were written for this project.
 
 References:
     - Irvin et al., "CheXpert: A Large Chest Radiograph Dataset with Uncertainty Labels and Expert Comparison",
-      AAAI 2019 (the 14 observations, the four label states, the "No Finding" convention).
+      AAAI 2019 (the observations, the label states, the "No Finding" convention).
     - Chapman et al., "A Simple Algorithm for Identifying Negated Findings and Diseases in Discharge Summaries",
-      J. Biomed. Inform. 34(5), 2001 (NegEx: trigger cues whose scope ends at a clause boundary).
+      J. Biomed. Inform. 34(5), 2001 (NegEx).
     - Harkema et al., "ConText: An algorithm for determining negation, experiencer, and temporal status from clinical
       reports", J. Biomed. Inform. 42(5), 2009 (hypothetical and historical mentions).
     - Peng et al., "NegBio: a high-performance tool for negation and uncertainty detection in radiology reports",
-      AMIA Summits 2018 (negation and uncertainty as separate outcomes of a mention).
+      AMIA Summits 2018.
     - Panicek & Hricak, "How Sure Are You, Doctor? A Standardized Lexicon to Describe the Radiologist's Level of
       Certainty", AJR 207(1), 2016 (which hedges assert a finding and which leave it uncertain).
-    - Demner-Fushman et al., "Preparing a collection of radiology examinations for distribution and retrieval",
-      JAMIA 23(2), 2016 (IU X-Ray / Open-I and its expert MeSH indexing, used here for validation).
-
-The phrase lists below were written for this project from general radiology language; they are not copied from the
-CheXpert, NegBio or chexpert-labeler sources.
-
-How a report is labeled
------------------------
-1. Normalisation. The text is lower-cased and spaces are collapsed. IU X-Ray's de-identification token "XXXX" is
-   kept as the neutral word ``xxxx``: it matches no phrase but still counts as a word inside a cue's scope, so "there
-   are no XXXX of a pleural effusion" is negated. "x-XXXX" becomes "x-ray".
-2. Sentences. The text is split at ``.``, ``?``, ``!``, ``;`` and line breaks (a period inside "1.5 cm" does not
-   split). No cue reaches across a sentence boundary.
-3. Mentions. Each observation has mention phrases (`MENTION_PHRASES`; `SHARED_MENTION_PHRASES` for phrases such as
-   "hydropneumothorax" that are evidence for two observations). Abnormalities outside the 14 observations (granuloma,
-   degenerative spine, hyperinflation, tortuous aorta, scarring, post-surgical change, technical limitation, ...)
-   have their own list (`OTHER_FINDING_PHRASES`): they are not among the outputs but decide "No Finding".
-   `NORMAL_STATEMENTS` ("the lungs are clear", "heart size is normal", "no acute bony abnormality", "cardiomediastinal
-   silhouette within normal limits") give a NEGATIVE mention of what they rule out. Where phrases overlap, the one
-   that starts first wins, then the longest: "pericardial effusion" is not a pleural effusion, "calcified granuloma"
-   is not a lung lesion, "density overlying the ribs" is not a lung opacity.
-4. Cues, found in the same sentence; where cues overlap the longest wins, so the "not" of "cannot be excluded" and
-   the "no" of "no interval change" negate nothing.
-
-   - Negation (`NEGATION_CUES`, before the finding: "no", "not", "without", "negative for", "free of", "clear of",
-     "absence of", "resolution of", "removal of", "unlikely"; `POST_NEGATION_CUES`, after it: "is not seen", "has
-     resolved", "is no longer visualized"; `BIDIRECTIONAL_NEGATION_CUES`: "resolved", "removed").
-   - Uncertainty (`UNCERTAINTY_CUES`: "possible", "may", "might", "could", "questionable", "question of",
-     "suspected", "equivocal", "indeterminate"; `HEDGE_CUES`: "suggestive of", "suspicious for", "concerning for",
-     "to indicate"; `POST_UNCERTAINTY_CUES`: "is suspected"; `BIDIRECTIONAL_UNCERTAINTY_CUES`: "cannot be excluded",
-     "not excluded", "cannot rule out"; `ALTERNATIVE_CUES`: "versus", which reaches only the finding next to it).
-   - Hypothetical or historical context (`HYPOTHETICAL_CUES`, after ConText: "if", "to exclude", "to evaluate",
-     "evaluate for", "history of"): the mention is not about this study and is ignored.
-   - Pseudo-negations (`PSEUDO_NEGATIONS`: "no change", "no significant interval change", "not changed", "no
-     increase", "partially resolved", "most suggestive of").
-
-   Degree of certainty follows the radiologists' lexicon of Panicek & Hricak: hedges that mean "probably yes"
-   ("likely", "probable", "compatible with", "consistent with", "most suggestive of") assert the finding and are no
-   cue; hedges that mean "maybe" ("possible", "may", "could", "suggestive of", "cannot be excluded", "versus") make
-   it UNCERTAIN; "unlikely" negates it. A differential listed with "or", "and/or" or "/" ("atelectasis or scarring",
-   "scarring/atelectasis") names candidate explanations of an abnormality the radiologist sees, so each candidate
-   is a mention like any other (UNCERTAIN only if hedged). "Borderline" ("borderline cardiomegaly") is a degree, not
-   a hedge.
-5. Scope. A cue before a phrase applies when no scope terminator (`SCOPE_TERMINATORS`: "but", "however",
-   "although", "except", "aside from", "other than", "which", "with", "there is/are", "otherwise", ...) lies between
-   them, so "no pneumothorax, but a small left effusion" keeps the effusion POSITIVE. The nearest applicable cue
-   before the phrase decides, except that a hedge does not override an earlier negation or hypothetical cue ("no
-   focal opacity to suggest pneumonia", "no suspicious nodule", "if there is concern for fracture"). A cue after a
-   phrase applies when at most six words and no terminator lie between. A following uncertainty cue makes the
-   mention UNCERTAIN; otherwise a negation (before or after) makes it NEGATIVE; otherwise a preceding uncertainty
-   cue makes it UNCERTAIN; otherwise it is POSITIVE.
-6. Aggregation. An observation is POSITIVE if any of its mentions is positive, else UNCERTAIN if any is uncertain,
-   else NEGATIVE if any is negative, else NOT_MENTIONED. Consolidation and Pneumonia are children of Lung Opacity in
-   CheXpert's hierarchy: a POSITIVE or UNCERTAIN consolidation or pneumonia raises Lung Opacity to at least the same
-   state. Edema and Atelectasis are not propagated: IU radiologists' "subsegmental atelectasis" or "vascular
-   congestion" does not describe an opacity, and the expert MeSH tags agree.
-
-"No change", "stable" and the like: a finding that is stable, unchanged, persistent, improved, decreased or
-"partially resolved" is present, so it stays POSITIVE ("stable cardiomegaly", "no change in the small left
-effusion"). A finding that has resolved, cleared or been removed is NEGATIVE.
-
-"No Finding"
-------------
-CheXpert's convention: "No Finding" is POSITIVE when no pathology observation (every observation except "No Finding"
-and "Support Devices") is POSITIVE or UNCERTAIN. Like MIMIC-CXR's ``chexpert.csv`` it is never NEGATIVE: it is
-POSITIVE or NOT_MENTIONED, so labels from this labeler and from ``chexpert.csv`` can be mixed. An empty report has no
-pathology, so it is all NOT_MENTIONED except "No Finding", which is POSITIVE. Support devices never rule out "No
-Finding".
-
-The default rule, ``no_finding_rule="strict"``, also requires that no *other* abnormality (`OTHER_FINDING_PHRASES`)
-is POSITIVE or UNCERTAIN: IU X-Ray's experts index a study "normal" only when it shows no abnormality at all, and most
-abnormal IU studies have only non-CheXpert findings (calcified granuloma, degenerative spine, hyperinflation, ...),
-which CheXpert's rule would call "No Finding" (its MeSH F1 on No Finding drops from about 0.94 to 0.66).
-``no_finding_rule="chexpert"`` gives CheXpert's rule exactly. Summary statements such as "normal chest", "no acute
-disease" or "no acute cardiopulmonary abnormality" carry no weight of their own: they do not make "No Finding"
-POSITIVE when a finding is described elsewhere in the report ("Stable cardiomegaly. No acute disease." has no
-"No Finding"), and they are not needed for it.
-
-Validation against IU X-Ray's expert MeSH tags
-----------------------------------------------
-`labels_from_mesh` turns a report's Open-I ``mesh_major`` terms into 0/1 ground truth, using `MESH_TO_OBSERVATIONS`
-(keyed by a term's first component, before "/") and a few qualifier rules:
-
-- "normal" -> No Finding.
-- "Cardiomegaly"; "Cardiac Shadow" qualified "enlarged" -> Cardiomegaly.
-- "Mediastinum" (prominent, widened, enlarged, adenopathy) -> Enlarged Cardiomediastinum.
-- "Opacity", "Density", "Airspace Disease", "Infiltrate", "Consolidation", "Pneumonia" -> Lung Opacity. "Opacity"
-  and "Density" count only inside the lung (qualifier in `LUNG_SITES`, or none in `NON_LUNG_SITES`: ribs, spine,
-  breast, heart, mediastinum, soft tissue, ...). Consolidation and pneumonia are Lung Opacity's children in CheXpert
-  and almost always co-indexed with an opacity term in IU; atelectasis and edema are not mapped to Lung Opacity (see
-  step 6).
-- "Nodule", "Mass" (inside the lung, as above) -> Lung Lesion. "Calcified Granuloma" and "Granuloma" are not lesions.
-- "Pulmonary Edema", "Pulmonary Congestion", "Heart Failure" -> Edema.
-- "Consolidation" -> Consolidation; "Pneumonia" -> Pneumonia; "Pulmonary Atelectasis" -> Atelectasis.
-- "Pneumothorax", "Hydropneumothorax", "Hemopneumothorax" -> Pneumothorax.
-- "Pleural Effusion", "Hydropneumothorax", "Hemothorax", "Hemopneumothorax" -> Pleural Effusion.
-- "Pleura"; "Thickening" or "Cicatrix" qualified "pleura" -> Pleural Other.
-- "Fractures, Bone" -> Fracture (healed fractures included).
-- "Catheters, Indwelling", "Implanted Medical Device", "Surgical Instruments" (surgical clips), "Tube, Inserted",
-  "Stents", "Medical Device", "Sutures" -> Support Devices. "Spinal Fusion", "Breast Implants" and "Foreign Bodies"
-  (bullet fragments, piercings) are not support devices.
-- Every other term maps to nothing. Reports indexed "No Indexing" are left out.
-
-The MeSH indexers tag the probable diagnoses of a report and each candidate of a differential, but not findings that
-are merely possible (on the train split, none of the 19 reports whose atelectasis is hedged with "may" is indexed
-"Pulmonary Atelectasis"), so the headline comparison counts UNCERTAIN as negative (``to_binary(states,
-uncertain_as=0)``); ``scripts/evaluate_labeler.py`` reports both choices. See ``docs/labeler.md`` for the measured
-tables.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-try:
-    from .configuration_cdan import CHEXPERT_OBSERVATIONS
-except ImportError:
-    from configuration_cdan import CHEXPERT_OBSERVATIONS
+from configuration_cdan import CHEXPERT_OBSERVATIONS
 
 
 POSITIVE = 1
@@ -673,7 +559,6 @@ class CheXpertRuleLabeler:
             (_compile(SCOPE_TERMINATORS), "terminator", "", None),
         )
 
-    # ----------------------------------------------------------------------------------------------------------------
     @staticmethod
     def normalize(text: str) -> str:
         """Lower-case a report, turn "x-XXXX" into "x-ray" and collapse spaces (line breaks are kept)."""
@@ -790,7 +675,6 @@ class CheXpertRuleLabeler:
             return UNCERTAIN, text[before.start : before.end]
         return POSITIVE, ""
 
-    # ----------------------------------------------------------------------------------------------------------------
     def label(self, text: str) -> list[int]:
         """Label one report.
 
@@ -884,187 +768,12 @@ def to_binary(states: Sequence[int], uncertain_as: int = 1) -> list[int]:
     return binary
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Validation against IU X-Ray's expert MeSH indexing.
-# --------------------------------------------------------------------------------------------------------------------
-
-MESH_TO_OBSERVATIONS: dict[str, tuple[str, ...]] = {
-    "normal": ("No Finding",),
-    "Cardiomegaly": ("Cardiomegaly",),
-    "Mediastinum": ("Enlarged Cardiomediastinum",),
-    "Opacity": ("Lung Opacity",),
-    "Density": ("Lung Opacity",),
-    "Airspace Disease": ("Lung Opacity",),
-    "Infiltrate": ("Lung Opacity",),
-    "Consolidation": ("Consolidation", "Lung Opacity"),
-    "Pneumonia": ("Pneumonia", "Lung Opacity"),
-    "Nodule": ("Lung Lesion",),
-    "Mass": ("Lung Lesion",),
-    "Pulmonary Edema": ("Edema",),
-    "Pulmonary Congestion": ("Edema",),
-    "Heart Failure": ("Edema",),
-    "Pulmonary Atelectasis": ("Atelectasis",),
-    "Pneumothorax": ("Pneumothorax",),
-    "Hydropneumothorax": ("Pneumothorax", "Pleural Effusion"),
-    "Hemopneumothorax": ("Pneumothorax", "Pleural Effusion"),
-    "Pleural Effusion": ("Pleural Effusion",),
-    "Hemothorax": ("Pleural Effusion",),
-    "Pleura": ("Pleural Other",),
-    "Fractures, Bone": ("Fracture",),
-    "Catheters, Indwelling": ("Support Devices",),
-    "Implanted Medical Device": ("Support Devices",),
-    "Surgical Instruments": ("Support Devices",),
-    "Tube, Inserted": ("Support Devices",),
-    "Stents": ("Support Devices",),
-    "Medical Device": ("Support Devices",),
-    "Sutures": ("Support Devices",),
-}
-"""Open-I MeSH term (first component of a ``mesh_major`` entry) -> CheXpert observations. Qualified cases
-("Cardiac Shadow/enlarged", pleural "Thickening"/"Cicatrix", the site filter of "Opacity", "Density", "Nodule" and
-"Mass") are handled in `labels_from_mesh`."""
-
-NON_LUNG_SITES = frozenset(
-    {
-        "ribs",
-        "thoracic vertebrae",
-        "lumbar vertebrae",
-        "spine",
-        "clavicle",
-        "sternum",
-        "shoulder",
-        "humerus",
-        "mediastinum",
-        "adipose tissue",
-        "breast",
-        "heart",
-        "mitral valve",
-        "paratracheal",
-        "supracardiac",
-        "neck",
-        "abdomen",
-        "pleura",
-        "thorax",
-        "anterior",
-        "posterior",
-        "soft tissue",
-    }
-)
-"""MeSH qualifiers that put an "Opacity", "Density", "Nodule" or "Mass" outside the lung."""
-
-LUNG_SITES = frozenset({"lung", "retrocardiac", "costophrenic angle", "pulmonary alveoli", "pleural sinus", "sulcus"})
-"""MeSH qualifiers that put an "Opacity", "Density", "Nodule" or "Mass" in the lung."""
-
-NO_INDEXING = "No Indexing"
-
-
-def labels_from_mesh(mesh_terms: Iterable[str]) -> list[int]:
-    """Ground-truth 0/1 labels of one IU X-Ray report from its expert MeSH terms.
-
-    An observation is 1 when at least one term maps to it (`MESH_TO_OBSERVATIONS`, plus: "Cardiac Shadow" qualified
-    "enlarged" -> Cardiomegaly; "Thickening" or "Cicatrix" qualified "pleura" -> Pleural Other). "Opacity", "Density",
-    "Nodule" and "Mass" count only inside the lung: a qualifier in `LUNG_SITES`, or no qualifier in
-    `NON_LUNG_SITES`.
-
-    Args:
-        mesh_terms (`Iterable[str]`):
-            The report's ``mesh_major`` entries, e.g. ``["Cardiomegaly/mild", "Opacity/lung/base/left"]``.
-
-    Returns:
-        `list[int]`: 14 values in `CHEXPERT_OBSERVATIONS` order.
-    """
-    positive: set[str] = set()
-    for term in mesh_terms:
-        parts = [part.strip() for part in term.split("/")]
-        head, qualifiers = parts[0], set(parts[1:])
-        outside_lung = not (qualifiers & LUNG_SITES) and bool(qualifiers & NON_LUNG_SITES)
-        if head in ("Opacity", "Density", "Nodule", "Mass") and outside_lung:
-            continue
-        if head == "Cardiac Shadow" and "enlarged" in qualifiers:
-            positive.add("Cardiomegaly")
-        if head in ("Thickening", "Cicatrix") and "pleura" in qualifiers:
-            positive.add("Pleural Other")
-        positive.update(MESH_TO_OBSERVATIONS.get(head, ()))
-    return [int(name in positive) for name in CHEXPERT_OBSERVATIONS]
-
-
-def report_text(report: dict) -> str:
-    """The text an IU X-Ray report is labeled from: its findings and impression, one per line."""
-    return "\n".join(part for part in (report.get("findings") or "", report.get("impression") or "") if part.strip())
-
-
-def load_mesh_validation_set(data_dir: str | Path, splits: Iterable[str] = ("train", "val", "outside")) -> list[dict]:
-    """Open-I reports that have expert MeSH tags, with the R2Gen split of each.
-
-    Args:
-        data_dir (`str` or `Path`):
-            Folder with ``openi_reports.jsonl`` and ``r2gen_to_openi_crosswalk.json``.
-        splits (`Iterable[str]`, *optional*, defaults to `("train", "val", "outside")`):
-            R2Gen splits to keep; ``"outside"`` is the Open-I reports that R2Gen does not use. The R2Gen test split
-            has no tags here. Reports indexed "No Indexing" are left out.
-
-    Returns:
-        `list[dict]`: The kept reports (Open-I fields plus ``"split"``), in file order.
-    """
-    data_dir = Path(data_dir)
-    with open(data_dir / "r2gen_to_openi_crosswalk.json", encoding="utf-8") as handle:
-        split_of_uid = {entry["uid"]: entry["split"] for entry in json.load(handle)}
-    wanted = set(splits)
-    reports = []
-    with open(data_dir / "openi_reports.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            report = json.loads(line)
-            report["split"] = split_of_uid.get(report["uid"], "outside")
-            mesh = report.get("mesh_major")
-            if report["split"] not in wanted or not mesh or NO_INDEXING in mesh:
-                continue
-            reports.append(report)
-    return reports
-
-
-def precision_recall_f1(
-    predictions: Sequence[Sequence[int]],
-    references: Sequence[Sequence[int]],
-    observations: Sequence[str] = CHEXPERT_OBSERVATIONS,
-) -> dict[str, dict[str, float]]:
-    """Per-observation precision, recall, F1 and support of 0/1 predictions against 0/1 references.
-
-    Args:
-        predictions (`Sequence[Sequence[int]]`):
-            0/1 predictions, one row per report, columns in `CHEXPERT_OBSERVATIONS` order.
-        references (`Sequence[Sequence[int]]`):
-            0/1 ground truth of the same shape.
-        observations (`Sequence[str]`, *optional*):
-            The observations to score.
-
-    Returns:
-        `dict[str, dict[str, float]]`: For each observation, ``precision``, ``recall``, ``f1`` (0 where undefined),
-        ``support`` (reference positives) and ``predicted`` (predicted positives).
-    """
-    scores = {}
-    for name in observations:
-        column = CHEXPERT_OBSERVATIONS.index(name)
-        true_positives = sum(1 for p, r in zip(predictions, references) if p[column] and r[column])
-        predicted = sum(1 for p in predictions if p[column])
-        support = sum(1 for r in references if r[column])
-        precision = true_positives / predicted if predicted else 0.0
-        recall = true_positives / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        scores[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
-    return scores
-
-
-def macro_f1(scores: dict[str, dict[str, float]], observations: Sequence[str] = EVALUATION_OBSERVATIONS) -> float:
-    """Mean F1 over `observations` (by default the nine headline observations)."""
-    return sum(scores[name]["f1"] for name in observations) / len(observations)
-
-
 __all__ = [
     "CHEXPERT_OBSERVATIONS",
     "EVALUATION_OBSERVATIONS",
     "HEDGE_CUES",
     "LUNG_OPACITY_CHILDREN",
     "MENTION_PHRASES",
-    "MESH_TO_OBSERVATIONS",
     "NEGATION_CUES",
     "NEGATIVE",
     "NORMAL_STATEMENTS",
@@ -1084,10 +793,5 @@ __all__ = [
     "Mention",
     "label_report",
     "label_reports",
-    "labels_from_mesh",
-    "load_mesh_validation_set",
-    "macro_f1",
-    "precision_recall_f1",
-    "report_text",
     "to_binary",
 ]

@@ -6,9 +6,10 @@ observations, embeds the most probable ones as disease words, and decodes a find
 
 References:
 1) Chen, Huang & Tan, "Cross-modal Discrepancy Attention Network for radiology report generation",
-   Journal of Guangdong University of Technology 42(1):70-78, 2025. Equation numbers in comments follow the
-   summary of the paper in issue #2 (visual extractor Eq. 4, reverse attention Eq. 5-16, decoder Eq. 19-21,
-   total loss Eq. 22); where the summary gives a range, the split inside it is ours.
+   Journal of Guangdong University of Technology 42(1):70-78, 2025. Equation numbers in comments are the paper's:
+   L_text (3), visual extractor (4), PositiveAttention (5)-(8), NegativeAttention (9), u_p (10), u_n (11),
+   u_pn (12), u_c (13), u_k (14), L_mlc (15), u_s (16), ClinicalBERT and L_mse (17)-(18), decoder (19)-(21),
+   total loss (22).
 2) Chen et al., "Generating Radiology Reports via Memory-driven Transformer", EMNLP 2020 (R2Gen): the IU X-Ray /
    MIMIC-CXR protocol and the stacking of several views along the token axis.
 3) Vaswani et al., "Attention Is All You Need", NeurIPS 2017: the encoder and decoder layers.
@@ -32,7 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 
@@ -152,7 +153,7 @@ def eager_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in plain torch; inputs are `(B, H, T, D)`, the output is `(B, T, H, D)`."""
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # QK^T / sqrt(d) of Eq. (8), (B, H, T, S)
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1)
@@ -170,7 +171,7 @@ class CdanVisualExtractor(nn.Module):
 
     Args:
         config (`CdanConfig`):
-            Reads `visual_extractor`, `visual_extractor_kwargs`, `num_views` and `image_size`.
+            Reads `visual_extractor`, `visual_extractor_kwargs` and `visual_extractor_channels_last`.
     """
 
     def __init__(self, config: CdanConfig):
@@ -264,9 +265,9 @@ class CdanLinear(nn.Linear):
     reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the prepacking that
     `torch.compile`'s CPU freezing pass applies), where `F.linear`'s BLAS call repacks the weight at every call. That
     repacking dominates when few rows meet a large weight, as in each decoding step (batch x beams rows): there the
-    packed product is about 2x faster. Results agree with `F.linear` up to float32 rounding. Inputs of more than
-    `max_packed_rows` rows take `F.linear`: the BLAS repacking is amortised there, and oneDNN's large products raised
-    the peak memory of generation without the cache by 0.4 GB at batch 8.
+    packed product is faster. Results agree with `F.linear` up to float32 rounding. Inputs of more than
+    `max_packed_rows` rows take `F.linear`: the BLAS repacking is amortised there, and oneDNN's large products need
+    more memory.
 
     The packed copy is built at the first such call, rebuilt when the weight is replaced or changed in place, dropped
     when the module moves, is copied or trains, and never saved: the state dict is that of `nn.Linear`. Everywhere
@@ -289,6 +290,11 @@ class CdanLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.prepack_on_cpu = prepack_on_cpu
         self._drop_packed_weight()
+
+    @classmethod
+    def from_config(cls, config: CdanConfig, in_features: int, out_features: int, bias: bool = True) -> "CdanLinear":
+        """The linear layer of a CDAN model: the configuration decides whether the packed CPU path is allowed."""
+        return cls(in_features, out_features, bias=bias, prepack_on_cpu=config.prepacked_cpu_linear)
 
     def _drop_packed_weight(self) -> None:
         self._packed_weight: torch.Tensor | None = None
@@ -387,11 +393,10 @@ class CdanAttention(nn.Module):
         self.dropout = dropout
         self.is_causal = is_causal
         self.layer_idx = layer_idx
-        prepack = config.prepacked_cpu_linear
-        self.q_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
-        self.k_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
-        self.v_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
-        self.out_proj = CdanLinear(embed_dim, embed_dim, prepack_on_cpu=prepack)
+        self.q_proj = CdanLinear.from_config(config, embed_dim, embed_dim)  # W_q of Eq. (5)
+        self.k_proj = CdanLinear.from_config(config, embed_dim, embed_dim)  # W_k of Eq. (6)
+        self.v_proj = CdanLinear.from_config(config, embed_dim, embed_dim)  # W_v of Eq. (7)
+        self.out_proj = CdanLinear.from_config(config, embed_dim, embed_dim)
 
     def project_query_key_value(
         self,
@@ -469,8 +474,10 @@ class CdanNegativeAttention(CdanAttention):
     default) the rows are divided by `N - 1` so they are distributions again; without it the weights are used as
     written in the paper.
 
-    With `output_attentions=False` and the SDPA kernel it uses the identity `(1 - A) V = sum_j V_j - A V`, so the
-    fused kernel computes `A V` and the `N x N` matrix `1 - A` is never materialised.
+    Attention dropout falls on the entries of `A_n`, whatever the kernel. Where there is no dropout (evaluation, or
+    `attention_dropout=0`), no `output_attentions` and the SDPA kernel, it uses the identity
+    `(1 - A) V = sum_j V_j - A V`, so the fused kernel computes `A V` and the `N x N` matrix `1 - A` is never
+    materialised; the result equals the explicit path up to float rounding.
     """
 
     def forward(
@@ -485,17 +492,17 @@ class CdanNegativeAttention(CdanAttention):
         normalizer = max(num_keys - 1, 1) if self.config.renormalize_negative_attention else 1
         dropout = self.dropout if self.training else 0.0
 
-        if output_attentions or self.config._attn_implementation == "eager":
+        if output_attentions or dropout > 0 or self.config._attn_implementation == "eager":
             scores = torch.matmul(query_states, key_states.transpose(2, 3)) * self.scaling  # (B, H, T, S)
-            positive_weights = nn.functional.softmax(scores, dim=-1)  # Eq. (8): softmax(QK^T / sqrt(d))
+            positive_weights = nn.functional.softmax(scores, dim=-1)  # softmax(QK^T / sqrt(d)) of Eq. (8)
             negative_weights = (1.0 - positive_weights) / normalizer  # Eq. (9): A_n = 1 - softmax(QK^T / sqrt(d))
             negative_weights = nn.functional.dropout(negative_weights, p=dropout, training=self.training)
-            attn_output = torch.matmul(negative_weights, value_states)  # Eq. (10): A_n V, (B, H, T, D)
+            attn_output = torch.matmul(negative_weights, value_states)  # Eq. (9): A_n V, (B, H, T, D)
         else:
             positive_output = nn.functional.scaled_dot_product_attention(
-                query_states, key_states, value_states, dropout_p=dropout, scale=self.scaling
+                query_states, key_states, value_states, scale=self.scaling
             )  # A V, (B, H, T, D)
-            attn_output = (value_states.sum(dim=-2, keepdim=True) - positive_output) / normalizer  # Eq. (9)-(10)
+            attn_output = (value_states.sum(dim=-2, keepdim=True) - positive_output) / normalizer  # Eq. (9)
             negative_weights = None
         attn_output = self.out_proj(attn_output.transpose(1, 2).flatten(2))  # (B, T, C)
         return attn_output, negative_weights
@@ -503,7 +510,7 @@ class CdanNegativeAttention(CdanAttention):
 
 class CdanReverseAttention(nn.Module):
     """
-    The reverse-attention module (Eq. 5-16) that turns patch features `u` into the decoder memory `u_s`.
+    The reverse-attention module (Eq. 5-14, 16) that turns patch features `u` into the decoder memory `u_s`.
 
     ```
     u_p  = PositiveAttention(u, u, u)                      # looks where self-attention looks
@@ -533,7 +540,7 @@ class CdanReverseAttention(nn.Module):
         self.positive_layer_norm = nn.LayerNorm(width)
         self.negative_layer_norm = nn.LayerNorm(width)
         self.discrepancy_layer_norm = nn.LayerNorm(width)
-        self.disease_classifier = CdanLinear(width, config.num_observations, prepack_on_cpu=config.prepacked_cpu_linear)
+        self.disease_classifier = CdanLinear.from_config(config, width, config.num_observations)
         self.disease_embeddings = nn.Embedding(config.num_observations, width)
 
     def select_disease_words(self, disease_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,7 +553,7 @@ class CdanReverseAttention(nn.Module):
         disease_probabilities = disease_logits.softmax(dim=-1)  # (B, num_observations)
         top_k_probabilities, top_k_indices = disease_probabilities.topk(self.top_k, dim=-1)  # (B, k)
         word_weights = top_k_probabilities / top_k_probabilities.sum(dim=-1, keepdim=True)  # (B, k), sums to 1
-        disease_words = self.disease_embeddings(top_k_indices) * word_weights.unsqueeze(-1)  # Eq. (14): u_k
+        disease_words = self.disease_embeddings(top_k_indices) * word_weights.unsqueeze(-1)  # Eq. (14): u_k, (B, k, C)
         return disease_words, top_k_indices
 
     def forward(
@@ -562,14 +569,14 @@ class CdanReverseAttention(nn.Module):
         """
         u = patch_features
         positive_output, positive_weights = self.positive_attention(u, u, output_attentions=output_attentions)
-        u_p = self.positive_layer_norm(u + positive_output)  # Eq. (5)-(7): u_p = PositiveAttention(u, u, u)
+        u_p = self.positive_layer_norm(u + positive_output)  # Eq. (10): u_p = PositiveAttention(u, u, u)
         negative_output, negative_weights = self.negative_attention(u, u, output_attentions=output_attentions)
-        u_n = self.negative_layer_norm(u + negative_output)  # Eq. (8)-(10): u_n = NegativeAttention(u, u, u)
+        u_n = self.negative_layer_norm(u + negative_output)  # Eq. (11): u_n = NegativeAttention(u, u, u)
         discrepancy_output, _ = self.discrepancy_attention(u_p, u_n)
-        u_pn = self.discrepancy_layer_norm(u_p + discrepancy_output)  # Eq. (11): u_pn = PositiveAttention(u_p, u_n, u_n)
-        u_c = self.disease_classifier(u_pn.mean(dim=1))  # Eq. (12): u_c = Classify(u_pn), (B, num_observations)
-        u_k, _ = self.select_disease_words(u_c)  # Eq. (13)-(14): top-k disease words under Softmax(u_c)
-        u_s = torch.cat([u_p, u_n, u_k], dim=1)  # Eq. (15): u_s = Concat([u_p, u_n, u_k]), (B, 2N + k, d_model)
+        u_pn = self.discrepancy_layer_norm(u_p + discrepancy_output)  # Eq. (12): PositiveAttention(u_p, u_n, u_n)
+        u_c = self.disease_classifier(u_pn.mean(dim=1))  # Eq. (13): u_c = Classify(u_pn), (B, num_observations)
+        u_k, _ = self.select_disease_words(u_c)  # Eq. (14): u_k = Topk(Softmax(u_c))
+        u_s = torch.cat([u_p, u_n, u_k], dim=1)  # Eq. (16): u_s = Concat([u_p, u_n, u_k]), (B, 2N + k, d_model)
         return u_s, u_c, positive_weights, negative_weights
 
 
@@ -578,8 +585,8 @@ class CdanFeedForward(nn.Module):
 
     def __init__(self, config: CdanConfig, ffn_dim: int):
         super().__init__()
-        self.fc1 = CdanLinear(config.d_model, ffn_dim, prepack_on_cpu=config.prepacked_cpu_linear)
-        self.fc2 = CdanLinear(ffn_dim, config.d_model, prepack_on_cpu=config.prepacked_cpu_linear)
+        self.fc1 = CdanLinear.from_config(config, config.d_model, ffn_dim)
+        self.fc2 = CdanLinear.from_config(config, ffn_dim, config.d_model)
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
 
@@ -590,7 +597,7 @@ class CdanFeedForward(nn.Module):
 
 
 class CdanEncoderLayer(GradientCheckpointingLayer):
-    """Pre-LayerNorm transformer encoder layer over `u_s` (Eq. 16)."""
+    """Pre-LayerNorm transformer encoder layer over `u_s`."""
 
     def __init__(self, config: CdanConfig, layer_idx: int | None = None):
         super().__init__()
@@ -674,8 +681,8 @@ class CdanPreTrainedModel(PreTrainedModel):
 
 class CdanEncoder(CdanPreTrainedModel):
     """
-    Image side of CDAN: visual extractor (Eq. 4), projection to `d_model`, reverse attention (Eq. 5-15) and the
-    transformer encoder (Eq. 16). It is what `generate()` runs once per study.
+    Image side of CDAN: visual extractor (Eq. 4), projection to `d_model`, reverse attention (Eq. 5-14, 16) and the
+    3-layer transformer encoder over `u_s`. It is what `generate()` runs once per study.
 
     The encoder input is `u_s` plus fixed sinusoidal positions and a learned segment embedding that tells apart the
     three streams `u_p`, `u_n` and `u_k` (without reverse attention there is one stream, `u`).
@@ -687,9 +694,7 @@ class CdanEncoder(CdanPreTrainedModel):
     def __init__(self, config: CdanConfig):
         super().__init__(config)
         self.visual_extractor = CdanVisualExtractor(config)
-        self.visual_projection = CdanLinear(
-            self.visual_extractor.num_features, config.d_model, prepack_on_cpu=config.prepacked_cpu_linear
-        )
+        self.visual_projection = CdanLinear.from_config(config, self.visual_extractor.num_features, config.d_model)
         self.reverse_attention = CdanReverseAttention(config) if config.use_reverse_attention else None
         self.segment_embeddings = nn.Embedding(3, config.d_model) if config.use_reverse_attention else None
         self.dropout = config.dropout
@@ -717,13 +722,13 @@ class CdanEncoder(CdanPreTrainedModel):
             )
         return pixel_values
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         visual_features: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> CdanEncoderOutput:
         r"""
@@ -766,7 +771,7 @@ class CdanEncoder(CdanPreTrainedModel):
         for encoder_layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = encoder_layer(hidden_states)  # Eq. (16)
+            hidden_states = encoder_layer(hidden_states)
         hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -807,6 +812,7 @@ class CdanDecoder(CdanPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -886,6 +892,7 @@ class CdanModel(CdanPreTrainedModel):
     def get_encoder(self, modality: str | None = None) -> CdanEncoder:
         return self.encoder
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -907,6 +914,7 @@ class CdanModel(CdanPreTrainedModel):
                 visual_features=visual_features,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
+                return_dict=True,
             )
         elif not isinstance(encoder_outputs, CdanEncoderOutput):
             encoder_outputs = CdanEncoderOutput(*encoder_outputs)
@@ -918,6 +926,7 @@ class CdanModel(CdanPreTrainedModel):
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         return CdanSeq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
@@ -957,9 +966,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     def __init__(self, config: CdanConfig):
         super().__init__(config)
         self.model = CdanModel(config)
-        self.lm_head = CdanLinear(
-            config.d_model, config.vocab_size, bias=False, prepack_on_cpu=config.prepacked_cpu_linear
-        )
+        self.lm_head = CdanLinear.from_config(config, config.d_model, config.vocab_size, bias=False)
         self.semantic_projection = (
             nn.Linear(config.d_model, config.semantic_dim) if config.use_semantic_consistency else None
         )
@@ -1038,6 +1045,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -1051,7 +1059,6 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         visual_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqLMOutput:
@@ -1074,7 +1081,8 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         visual_features (`torch.FloatTensor` of shape `(batch_size, num_patches, num_features)`, *optional*):
             Cached visual-extractor features, used instead of `pixel_values` (frozen-extractor training).
         kwargs:
-            `num_items_in_batch` from the Trainer, so the loss is correct under gradient accumulation.
+            `num_items_in_batch` from the Trainer, so the loss is correct under gradient accumulation, and
+            `return_dict=False` for a tuple instead of a [`CdanSeq2SeqLMOutput`].
         """
         if labels is not None:
             use_cache = False
@@ -1092,14 +1100,15 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             visual_features=visual_features,
+            return_dict=True,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # Eq. (21): p(w_t | w_<t, u_s), (B, T, vocab_size)
 
         loss = visual_semantics = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)  # L_text of Eq. (22)
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)  # Eq. (3): L_text
             if self.semantic_projection is not None:
-                visual_semantics = self.semantic_projection(outputs.pooled_semantic_states)  # (B, semantic_dim)
+                visual_semantics = self.semantic_projection(outputs.pooled_semantic_states)  # Eq. (18) input, (B, S)
 
         return CdanSeq2SeqLMOutput(
             loss=loss,

@@ -29,7 +29,9 @@ from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 
-MIN_TRANSFORMERS_VERSION = "5.0.0"
+MIN_TRANSFORMERS_VERSION = "5.24.0"
+"""Oldest transformers the remote code runs on (the decoder cache argument is named `cache` since 5.24); the same
+bound as `pyproject.toml`'s dependency."""
 
 STUDY_KEYS = ("images", "views")
 
@@ -111,7 +113,7 @@ class CdanReportPipeline(Pipeline):
         register_pipeline_in_config(self.model.config)
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
-        write_pipeline_files(save_directory, self.model, **model_card_kwargs)
+        write_pipeline_files(save_directory, self.model, self.processor, **model_card_kwargs)
 
     def push_to_hub(
         self,
@@ -142,6 +144,7 @@ class CdanReportPipeline(Pipeline):
 
 def build_model_card(
     model,
+    processor=None,
     metrics: dict[str, float] | None = None,
     dataset: str | None = None,
     license: str = "apache-2.0",
@@ -152,6 +155,7 @@ def build_model_card(
 
     Args:
         model (`CdanForConditionalGeneration`): the model being saved.
+        processor (`CdanProcessor`, *optional*): its processor, for the input size.
         metrics (`dict[str, float]`, *optional*): test-split scores (e.g. `{"BLEU-4": 0.179}`), when known.
         dataset (`str`, *optional*): the training data set, e.g. `"iu_xray"`.
         license (`str`, *optional*): licence identifier of the weights. Models trained on IU X-Ray text inherit
@@ -180,6 +184,7 @@ def build_model_card(
         (False, True): "+SC",
         (True, True): "+RA+SC",
     }[(config.use_reverse_attention, config.use_semantic_consistency)]
+    input_size = f" at {processor.image_processor.image_size} px" if processor is not None else ""
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -190,7 +195,7 @@ A Cross-modal Discrepancy Attention Network (Chen, Huang & Tan, 2025) that write
 {config.num_views} chest X-ray view(s) per study. It is a research model: its reports are drafts for a radiologist to
 check, not diagnoses.
 
-- Visual extractor: `{config.visual_extractor}` at {config.image_size} px, {config.num_views} view(s) per study
+- Visual extractor: `{config.visual_extractor}`{input_size}, {config.num_views} view(s) per study
 - Configuration: {ablation} (reverse attention: {config.use_reverse_attention}, semantic consistency:
   {config.use_semantic_consistency}), d_model {config.d_model}, {config.encoder_layers} encoder and
   {config.decoder_layers} decoder layers
@@ -241,13 +246,13 @@ def register_pipeline_in_config(config) -> None:
     }
 
 
-def write_pipeline_files(save_directory: str | os.PathLike, model, **model_card_kwargs) -> None:
+def write_pipeline_files(save_directory: str | os.PathLike, model, processor=None, **model_card_kwargs) -> None:
     """
     Add what a saved model and processor still lack to be a Hub repository: `pipeline_cdan.py` (the remote code of
     the pipeline) and the model card. `config.custom_pipelines` must have been set before the model was saved.
     """
     shutil.copy(__file__, Path(save_directory) / Path(__file__).name)
-    build_model_card(model, **model_card_kwargs).save(os.path.join(save_directory, "README.md"))
+    build_model_card(model, processor, **model_card_kwargs).save(os.path.join(save_directory, "README.md"))
 
 
 PIPELINE_REGISTRY.register_pipeline(

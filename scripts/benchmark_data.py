@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,40 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmark_utils import CpuMeter, markdown_table, peak_rss_mb
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds spent by the whole machine so far (all CPUs, non-idle), from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [float(value) for value in stat.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its waited-for children."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-class Timer:
-    """Wall time of a block and the share of the machine's CPU capacity other processes used meanwhile."""
-
-    def __enter__(self):
-        self.start, self.busy, self.own = time.perf_counter(), machine_busy_seconds(), own_cpu_seconds()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-        foreign = (machine_busy_seconds() - self.busy) - (own_cpu_seconds() - self.own)
-        self.foreign_share = max(0.0, foreign) / (self.seconds * (os.cpu_count() or 1))
-        return False
 
 
 def tiny_png(path: Path) -> Path:
@@ -91,7 +58,8 @@ def hard_link_all(destinations, source: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 def benchmark_iu_xray(work: Path) -> list[dict]:
     import datasets
-    from fixtures_data import (
+    from data_cdan import check_image_file, get_cdan_builder
+    from data_cdan.testing import (
         ANNOTATION_FILE,
         DICOM_METADATA_FILE,
         REPORTS_ARCHIVE,
@@ -99,8 +67,6 @@ def benchmark_iu_xray(work: Path) -> list[dict]:
         openi_reports,
         real_pngs,
     )
-
-    from data_cdan import check_image_file, get_cdan_builder
 
     datasets.disable_progress_bars()
     placeholder = tiny_png(work / "placeholder.png")
@@ -137,7 +103,7 @@ def benchmark_iu_xray(work: Path) -> list[dict]:
         ),
     ]
     for index, (name, options) in enumerate(settings):
-        with Timer() as timer:
+        with CpuMeter() as timer:
             builder = get_cdan_builder("iu_xray", cache_dir=work / f"cache_iu_{index}", **options)
             builder.download_and_prepare()
             dataset = builder.as_dataset()
@@ -147,12 +113,12 @@ def benchmark_iu_xray(work: Path) -> list[dict]:
                 "benchmark": name,
                 "result": f"{timer.seconds:.1f} s for {studies} studies ({studies / timer.seconds:.0f} studies/s)",
                 "target": "< 30 s" if index == 0 else "",
-                "foreign CPU": timer.foreign_share,
+                "foreign CPU": timer.foreign_load,
             }
         )
     rows[0]["result"] += f"; {linked} placeholder images"
     real = [path for path in real_pngs() if "covid19_mhh_hannover" in str(path)]
-    with Timer() as timer:
+    with CpuMeter() as timer:
         unreadable = [path for path in real if check_image_file(path) is not None]
     per_image = timer.seconds / len(real)
     rows.append(
@@ -161,25 +127,13 @@ def benchmark_iu_xray(work: Path) -> list[dict]:
             "result": f"{per_image * 1000:.2f} ms/image ({len(real)} PNGs, {len(unreadable)} unreadable): about "
             f"{per_image * 7470:.0f} s for Open-I's 7,470 images",
             "target": "",
-            "foreign CPU": timer.foreign_share,
+            "foreign CPU": timer.foreign_load,
         }
     )
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    """
-    Peak resident memory of this process image, `VmHWM` in /proc/self/status. Unlike `ru_maxrss`, which Linux carries
-    over `execve`, it does not count the memory of the (large) parent the subprocess was forked from.
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def mimic_child(data_dir: str, cache_dir: str) -> None:
     """Subprocess body: prepare MIMIC-CXR, print JSON with resident memory before and peak."""
     import datasets
@@ -199,14 +153,14 @@ def mimic_child(data_dir: str, cache_dir: str) -> None:
 
 
 def benchmark_mimic(work: Path, row_counts: list[int]) -> list[dict]:
-    from fixtures_data import generate_mimic_studies, write_mimic_fixture
+    from data_cdan.testing import generate_mimic_studies, write_mimic_fixture
 
     placeholder = work / "placeholder.jpg"
     Image.fromarray(np.full((8, 8), 128, dtype=np.uint8), "L").save(placeholder)
     rows = []
     for count in row_counts:
         root = write_mimic_fixture(work / f"mimic_{count}", generate_mimic_studies(count, seed=0), placeholder)
-        with Timer() as timer:
+        with CpuMeter() as timer:
             completed = subprocess.run(
                 [sys.executable, __file__, "--mimic_child", str(root), str(work / f"cache_mimic_{count}")],
                 capture_output=True,
@@ -221,7 +175,7 @@ def benchmark_mimic(work: Path, row_counts: list[int]) -> list[dict]:
                 f"{result['peak_mb'] - result['baseline_mb']:.0f} MB); {result['rows']:,} examples in "
                 f"{result['seconds']:.1f} s",
                 "target": "flat in N",
-                "foreign CPU": timer.foreign_share,
+                "foreign CPU": timer.foreign_load,
                 "peak_mb": result["peak_mb"],
                 "growth_mb": result["peak_mb"] - result["baseline_mb"],
             }
@@ -263,9 +217,8 @@ class StudyViews:
 def benchmark_loader(work: Path, studies: int, workers: int, batch_size: int) -> list[dict]:
     import datasets
     import torch
-    from fixtures_data import load_annotation, real_pngs
-
     from data_cdan import load_cdan_dataset
+    from data_cdan.testing import load_annotation, real_pngs
     from processing_cdan import CdanImageProcessor
 
     datasets.disable_progress_bars()
@@ -291,7 +244,7 @@ def benchmark_loader(work: Path, studies: int, workers: int, batch_size: int) ->
             StudyViews(dataset, transform), batch_size=batch_size, num_workers=workers, persistent_workers=False
         )
         shape = None
-        with Timer() as timer:
+        with CpuMeter() as timer:
             for batch in loader:
                 shape = tuple(batch.shape)
         images = 2 * len(dataset)
@@ -310,7 +263,7 @@ def benchmark_loader(work: Path, studies: int, workers: int, batch_size: int) ->
                 "result": f"{images / timer.seconds:.0f} images/s ({images} real 640 px PNGs, {timer.seconds:.1f} s, "
                 f"batches {shape}); {cpu_ms:.1f} CPU ms/image in one 1-thread process",
                 "target": "",
-                "foreign CPU": timer.foreign_share,
+                "foreign CPU": timer.foreign_load,
             }
         )
     return rows
@@ -325,7 +278,7 @@ def benchmark_demo(work: Path) -> list[dict]:
     datasets.disable_progress_bars()
     rows = []
     for num_proc in (1, 2):
-        with Timer() as timer:
+        with CpuMeter() as timer:
             builder = get_cdan_builder("demo", cache_dir=work / f"cache_demo_{num_proc}")
             builder.download_and_prepare(num_proc=num_proc)
         studies = sum(split.num_examples for split in builder.info.splits.values())
@@ -334,21 +287,23 @@ def benchmark_demo(work: Path) -> list[dict]:
                 "benchmark": f"Demo prepare (render + label + PNG), num_proc={num_proc}",
                 "result": f"{timer.seconds:.1f} s for {studies} studies",
                 "target": "< 60 s",
-                "foreign CPU": timer.foreign_share,
+                "foreign CPU": timer.foreign_load,
             }
         )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| benchmark | result | target | other processes' CPU share |")
-    print("|---|---|---|---|")
-    for row in rows:
-        share = row["foreign CPU"]
-        print(
-            f"| {row['benchmark']} | {row['result']} | {row['target']} | {'' if math.isnan(share) else f'{share:.0%}'}"
-            " |"
+    table_rows = [
+        (
+            row["benchmark"],
+            row["result"],
+            row["target"],
+            "" if math.isnan(row["foreign CPU"]) else f"{row['foreign CPU']:.0%}",
         )
+        for row in rows
+    ]
+    print(markdown_table(("benchmark", "result", "target", "other processes' CPU share"), table_rows, align="llll"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -390,3 +345,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+__all__ = ["benchmark_demo", "benchmark_iu_xray", "benchmark_loader", "benchmark_mimic", "main"]

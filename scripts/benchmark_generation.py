@@ -8,7 +8,7 @@ token plus 59 generated tokens) from two 224 px views per study, with the stock 
   `BertLMHeadModel` decoder (width 512, 8 heads, FFN 2048, vocabulary 764) cross-attending to the 98 patch tokens.
 
 Each (stack, batch, beams, cache) setting runs in a fresh subprocess (the script re-invokes itself with
-`--single_setting`), so its peak resident memory (`ru_maxrss`, model construction included) is its own; the two stacks
+`--single_setting`), so its peak resident memory (model construction included) is its own; the two stacks
 of one (batch, beams, cache) setting run back to back, so slow drifts of the machine hit both alike. A setting is
 warmed up with one full `generate()` call, then timed over `--repeats` calls; forward hooks on the visual extractor
 time it inside those calls, and throughput and extractor share come from the fastest timed call.
@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,10 +56,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configuration_cdan import CdanConfig  # noqa: E402
-from modeling_cdan import CdanForConditionalGeneration  # noqa: E402
+from benchmark_utils import CpuMeter, markdown_table, peak_rss_mb, wait_for_idle_machine
+from configuration_cdan import CdanConfig
+from modeling_cdan import CdanForConditionalGeneration
 
 
 REPORT_LENGTH = 60
@@ -189,12 +187,6 @@ class ModuleTimer:
             handle.remove()
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (`ru_maxrss` is in KB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 def build_stack(stack: str) -> tuple[nn.Module, nn.Module]:
     """The model of `stack` in eval mode, and its visual extractor module (the one timed by hooks)."""
     if stack == "cdan":
@@ -228,55 +220,6 @@ def check_full_length(sequences: torch.Tensor, batch_size: int) -> None:
         raise RuntimeError(f"Expected sequences of shape {(batch_size, REPORT_LENGTH)}, got {tuple(sequences.shape)}.")
     if (sequences[:, 1:] == EOS_TOKEN_ID).any():
         raise RuntimeError("A generated report contains <eos>: min_length did not suppress it.")
-
-
-def system_busy_seconds() -> float:
-    """CPU seconds all processes of the machine have been busy (user, system, irq, steal), from `/proc/stat`."""
-    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_idle_machine(max_foreign_load: float, max_wait_seconds: float, window_seconds: float = 1.0) -> float:
-    """
-    Wait until other processes use less than `max_foreign_load` of the machine's CPUs over `window_seconds` (this
-    process is idle meanwhile), for at most `max_wait_seconds`. Returns the seconds waited.
-    """
-    if not Path("/proc/stat").exists():
-        return 0.0
-    start = time.perf_counter()
-    while True:
-        busy_before = system_busy_seconds()
-        time.sleep(window_seconds)
-        load = (system_busy_seconds() - busy_before) / (window_seconds * os.cpu_count())
-        waited = time.perf_counter() - start
-        if load < max_foreign_load or waited >= max_wait_seconds:
-            return waited
-
-
-class RunMeter:
-    """
-    Wall time of one timed run, and the share of the machine's CPUs that *other* processes used meanwhile
-    (`foreign_load`): the machines are shared, and two busy threads of another process can slow a 2-thread OpenMP
-    run down several-fold. A run with `foreign_load >= max_foreign_load` is marked as contended.
-    """
-
-    def __enter__(self) -> "RunMeter":
-        self._has_proc_stat = Path("/proc/stat").exists()
-        self._busy = system_busy_seconds() if self._has_proc_stat else 0.0
-        self._own = time.process_time()
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.seconds = time.perf_counter() - self._start
-        own_cpu_seconds = time.process_time() - self._own
-        self.own_cpu_utilization = own_cpu_seconds / self.seconds
-        if self._has_proc_stat:
-            foreign_cpu_seconds = max(system_busy_seconds() - self._busy - own_cpu_seconds, 0.0)
-            self.foreign_load = foreign_cpu_seconds / (self.seconds * os.cpu_count())
-        else:
-            self.foreign_load = 0.0
 
 
 def run_single_setting(
@@ -313,7 +256,7 @@ def run_single_setting(
         while len(runs) < repeats + max_extra_runs:
             idle_wait_seconds = wait_for_idle_machine(max_foreign_load, max_idle_wait_seconds)
             timer.reset()
-            with RunMeter() as meter:
+            with CpuMeter() as meter:
                 sequences = generate_reports(model, pixel_values, num_beams, use_cache, REPORT_LENGTH)
             check_full_length(sequences, batch_size)
             if timer.calls != 1:
@@ -360,7 +303,7 @@ def run_single_setting(
 
 
 def run_in_subprocess(stack: str, batch_size: int, num_beams: int, use_cache: bool, args: argparse.Namespace) -> dict:
-    """Run one setting in a fresh interpreter, so `ru_maxrss` covers that setting only; read its JSON back."""
+    """Run one setting in a fresh interpreter, so its peak resident memory is its own; read its JSON back."""
     with tempfile.TemporaryDirectory() as directory:
         result_path = Path(directory) / "result.json"
         command = [
@@ -402,19 +345,26 @@ def find_row(rows: list[dict], stack: str, batch_size: int, num_beams: int, use_
     return None
 
 
-def markdown_table(rows: list[dict]) -> str:
-    header = "| stack | batch | beams | cache | reports/s | tokens/s | extractor share | peak RSS MB |"
-    lines = [header, "|---|---:|---:|---|---:|---:|---:|---:|"]
-    for row in rows:
-        contended = "*" if row["contended"] else ""
-        lines.append(
-            f"| {STACK_LABELS[row['stack']]} | {row['batch_size']} | {row['num_beams']} | "
-            f"{'on' if row['use_cache'] else 'off'} | {row['reports_per_second']:.2f}{contended} | "
-            f"{row['tokens_per_second']:.1f} | {100 * row['extractor_share']:.1f} % | {row['peak_rss_mb']:.0f} |"
-        )
+def results_table(rows: list[dict]) -> str:
+    """A Markdown table of the settings; `*` marks a setting whose every timed run was contended."""
+    table_rows = [
+        [
+            STACK_LABELS[row["stack"]],
+            row["batch_size"],
+            row["num_beams"],
+            "on" if row["use_cache"] else "off",
+            f"{row['reports_per_second']:.2f}" + ("*" if row["contended"] else ""),
+            f"{row['tokens_per_second']:.1f}",
+            f"{100 * row['extractor_share']:.1f} %",
+            f"{row['peak_rss_mb']:.0f}",
+        ]
+        for row in rows
+    ]
+    header = ["stack", "batch", "beams", "cache", "reports/s", "tokens/s", "extractor share", "peak RSS MB"]
+    table = markdown_table(header, table_rows, align="lrrlrrrr")
     if any(row["contended"] for row in rows):
-        lines.append("\n\\* every timed run of this setting shared the CPUs with other processes (`runs` in the JSON)")
-    return "\n".join(lines)
+        table += "\n\n\\* every timed run of this setting shared the CPUs with other processes (`runs` in the JSON)"
+    return table
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -600,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime_seconds = time.perf_counter() - benchmark_start
     rows.sort(key=lambda row: args.stacks.index(row["stack"]))  # table: one stack after the other
     summary = summarize(rows)
-    print(markdown_table(rows))
+    print(results_table(rows))
     print()
     print(format_summary(summary))
     print(f"\nTotal runtime: {runtime_seconds:.0f} s ({args.threads} threads)")
@@ -621,4 +571,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["ModuleTimer", "StockResnetBertReportGenerator", "run_single_setting", "summarize"]
+__all__ = ["ModuleTimer", "StockResnetBertReportGenerator", "results_table", "run_single_setting", "summarize"]

@@ -17,7 +17,7 @@ For each configuration (each in a fresh subprocess, so peak resident memory is i
   not available offline; it is about 5x larger);
 - the cached mode: the extractor is frozen and its features are computed once, so an epoch costs only the encoder,
   decoder and optimizer; the one-time extraction cost is reported beside it;
-- peak resident memory (ru_maxrss) of the end-to-end run.
+- peak resident memory of the configuration's process.
 
 Targets for the full-size configuration (ResNet-101, 2 views, 224 px, batch 16, 2 threads): a step no slower than
 the R2Gen reference implementation (about 12.3 s on these machines), peak memory at most 6 GB (R2Gen: 8.5 GB), and
@@ -26,7 +26,6 @@ the cached mode at least 10x faster per epoch. The table is printed and written 
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -34,10 +33,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configuration_cdan import CdanConfig  # noqa: E402
-from modeling_cdan import CdanForConditionalGeneration  # noqa: E402
+from benchmark_utils import markdown_table, peak_rss_mb
+from configuration_cdan import CdanConfig
+from modeling_cdan import CdanForConditionalGeneration
 
 
 CONFIGURATIONS = {
@@ -66,21 +64,23 @@ def timed(function, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure(name: str, steps: int, threads: int, precision: str = "fp32", gradient_checkpointing: bool = False) -> dict:
+def measure(
+    name: str, steps: int, threads: int, precision: str = "fp32", gradient_checkpointing: bool = False
+) -> dict:
     """All measurements of one configuration, in this process."""
     torch.set_num_threads(threads)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.manual_seed(0)
     spec = CONFIGURATIONS[name]
     config = CdanConfig(
-        visual_extractor=spec["visual_extractor"], image_size=spec["image_size"], vocab_size=VOCAB_SIZE,
-        **spec["overrides"],
+        visual_extractor=spec["visual_extractor"], vocab_size=VOCAB_SIZE, **spec["overrides"],
     )  # fmt: skip
     model = CdanForConditionalGeneration(config).train()
     if gradient_checkpointing:  # the transformer layers and the timm backbone's stages recompute their activations
         model.gradient_checkpointing_enable()
     batch_size = spec["batch_size"]
-    pixel_values = torch.randn(batch_size, config.num_views, 3, config.image_size, config.image_size)
+    image_size = spec["image_size"]
+    pixel_values = torch.randn(batch_size, config.num_views, 3, image_size, image_size)
     labels = torch.randint(4, VOCAB_SIZE, (batch_size, REPORT_LENGTH))
     disease_targets = torch.randint(0, 2, (batch_size, config.num_observations)).float()
     semantic_targets = torch.randn(batch_size, config.semantic_dim)
@@ -91,14 +91,14 @@ def measure(name: str, steps: int, threads: int, precision: str = "fp32", gradie
         sc = torch.nn.functional.mse_loss(outputs.visual_semantics.float(), semantic_targets)
         return outputs.loss + mlc + sc
 
-    def end_to_end_step():
-        optimizer.zero_grad(set_to_none=True)
+    def training_step(step_optimizer: torch.optim.Optimizer, **inputs) -> None:
+        step_optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = cdan_loss(model(pixel_values=pixel_values, labels=labels))
+            loss = cdan_loss(model(**inputs, labels=labels))
         loss.backward()
-        optimizer.step()
+        step_optimizer.step()
 
-    step_seconds = timed(end_to_end_step, steps)
+    step_seconds = timed(lambda: training_step(optimizer, pixel_values=pixel_values), steps)
 
     encoder, extractor = model.model.encoder, model.model.encoder.visual_extractor
     with torch.no_grad(), autocast:
@@ -132,14 +132,7 @@ def measure(name: str, steps: int, threads: int, precision: str = "fp32", gradie
     extractor.requires_grad_(False)
     cached_optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, amsgrad=True)
 
-    def cached_step():
-        cached_optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = cdan_loss(model(visual_features=visual_features, labels=labels))
-        loss.backward()
-        cached_optimizer.step()
-
-    cached_step_seconds = timed(cached_step, steps)
+    cached_step_seconds = timed(lambda: training_step(cached_optimizer, visual_features=visual_features), steps)
     with torch.inference_mode(), autocast:
         extraction_seconds = timed(lambda: extractor(pixel_values), 1)
 
@@ -156,37 +149,46 @@ def measure(name: str, steps: int, threads: int, precision: str = "fp32", gradie
         "cached_step_seconds": cached_step_seconds,
         "cached_speedup_per_epoch": step_seconds / cached_step_seconds,
         "feature_caching_seconds_per_study": extraction_seconds / batch_size,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
 def measure_text_encoder(threads: int, num_reports: int = 64) -> dict:
     """One-time cost of the SC targets: seconds per report with the offline MiniLM (train.py caches them)."""
     torch.set_num_threads(threads)
-    from train import ReportEmbedder
+    from trainer_cdan import ReportEmbedder
 
     embedder = ReportEmbedder("offline-minilm")
-    reports = ["the heart is normal in size . the lungs are clear . no pleural effusion or pneumothorax ."] * num_reports
+    report = "the heart is normal in size . the lungs are clear . no pleural effusion or pneumothorax ."
+    reports = [report] * num_reports
     seconds = timed(lambda: embedder(reports), 1)
     return {"text_encoder": "all-MiniLM-L6-v2", "seconds_per_report": seconds / num_reports, "per_step_seconds": 0.0}
 
 
-def markdown(rows: list[dict], text_encoder: dict) -> str:
-    lines = [
-        "| configuration | precision | batch | step s | samples/s | extractor s | encoder s | decoder s | "
-        "optimizer s | SC text encoder s/step | cached step s | cached speed-up/epoch | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def results_table(rows: list[dict], text_encoder: dict) -> str:
+    """A Markdown table of the configurations: step time and its split, the cached mode, peak memory."""
+    header = [
+        "configuration", "precision", "batch", "step s", "samples/s", "extractor s", "encoder s", "decoder s",
+        "optimizer s", "SC text encoder s/step", "cached step s", "cached speed-up/epoch", "peak RSS MB",
+    ]  # fmt: skip
+    table_rows = []
     for row in rows:
         split = row["split_seconds"]
-        lines.append(
-            f"| {row['configuration']} ({row['visual_extractor']}, {row['image_size']} px) | {row['precision']} | "
-            f"{row['batch_size']} | {row['step_seconds']:.2f} | {row['samples_per_second']:.2f} | {split['extractor']:.2f} | "
-            f"{split['encoder']:.2f} | {split['decoder']:.2f} | {split['optimizer']:.2f} | "
-            f"{text_encoder['per_step_seconds']:.1f} | {row['cached_step_seconds']:.2f} | "
-            f"{row['cached_speedup_per_epoch']:.1f}x | {row['peak_rss_mb']:.0f} |"
+        table_rows.append(
+            [
+                f"{row['configuration']} ({row['visual_extractor']}, {row['image_size']} px)",
+                row["precision"],
+                row["batch_size"],
+                f"{row['step_seconds']:.2f}",
+                f"{row['samples_per_second']:.2f}",
+                *(f"{split[part]:.2f}" for part in ("extractor", "encoder", "decoder", "optimizer")),
+                f"{text_encoder['per_step_seconds']:.1f}",
+                f"{row['cached_step_seconds']:.2f}",
+                f"{row['cached_speedup_per_epoch']:.1f}x",
+                f"{row['peak_rss_mb']:.0f}",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(header, table_rows, align="ll" + "r" * (len(header) - 2))
 
 
 def main() -> None:
@@ -208,15 +210,17 @@ def main() -> None:
     rows = []
     for name in args.configurations:
         for precision in args.precisions:
-            command = [sys.executable, __file__, "--single", name, "--precision", precision, "--steps", str(args.steps),
-                       "--threads", str(args.threads)]  # fmt: skip
+            command = [
+                sys.executable, __file__, "--single", name, "--precision", precision, "--steps", str(args.steps),
+                "--threads", str(args.threads),
+            ]  # fmt: skip
             if args.gradient_checkpointing:
                 command.append("--gradient_checkpointing")
             result = subprocess.run(command, capture_output=True, text=True, check=True)
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(f"measured {name} {precision}: {rows[-1]['step_seconds']:.2f} s/step", file=sys.stderr)
     text_encoder = measure_text_encoder(args.threads)
-    print(markdown(rows, text_encoder))
+    print(results_table(rows, text_encoder))
     print(
         f"\nSC text encoder ({text_encoder['text_encoder']}): {text_encoder['seconds_per_report'] * 1000:.1f} ms per "
         "report, once before training (cached), 0 s per step."
@@ -246,4 +250,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["CONFIGURATIONS", "measure", "measure_text_encoder"]
+__all__ = ["CONFIGURATIONS", "measure", "measure_text_encoder", "results_table"]

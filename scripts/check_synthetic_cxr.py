@@ -2,7 +2,7 @@
 
 Every demo study (`data/demo/reports.jsonl`, verbatim Open-I text) is labeled with `labeler_cdan.label_report` over
 its FINDINGS and IMPRESSION joined by a newline, as the demo builder does, and rendered by
-`synthetic_cxr.render_study` with the builder's seed (CRC-32 of the R2Gen id). Then:
+`data_cdan.synthetic_cxr.render_study` with the builder's seed (CRC-32 of the R2Gen id). Then:
 
 1. An image classifier must recover the labels. It is one L2-regularised logistic regression per observation
    (balanced class weights; UNCERTAIN train labels left out; all fitted at once with L-BFGS) on fixed image features
@@ -33,7 +33,6 @@ Usage:
 import argparse
 import json
 import re
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -46,13 +45,12 @@ from sklearn.model_selection import KFold
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPOSITORY))
-
 from configuration_cdan import CHEXPERT_OBSERVATIONS
-from synthetic_cxr import NEGATIVE, NOT_MENTIONED, POSITIVE, UNCERTAIN, render_study
+from data_cdan import DEMO_REPORTS_FILE
+from data_cdan.synthetic_cxr import NEGATIVE, NOT_MENTIONED, POSITIVE, UNCERTAIN, render_study
 
-REPORTS_FILE = REPOSITORY / "data" / "demo" / "reports.jsonl"
+REPOSITORY = Path(__file__).resolve().parents[1]
+REPORTS_FILE = DEMO_REPORTS_FILE
 DEFAULT_SHEET = REPOSITORY / "outputs" / "synthetic_cxr_examples.png"
 SHORT_NAMES = {
     "No Finding": "Normal",

@@ -2,18 +2,16 @@
 
 The paper reports 82.25 M parameters for CDAN with ResNet-101. Run:
 
-    python scripts/count_parameters.py                      # the default (paper) configuration
-    python scripts/count_parameters.py --vocab_size 4000    # e.g. a MIMIC-CXR-sized vocabulary
+    python scripts/count_parameters.py                           # the default configuration (69.84 M)
+    python scripts/count_parameters.py --model_size paper-82m    # feed-forward widths doubled (82.43 M)
+    python scripts/count_parameters.py --vocab_size 4000         # e.g. a MIMIC-CXR-sized vocabulary
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configuration_cdan import CdanConfig  # noqa: E402
-from modeling_cdan import CdanForConditionalGeneration  # noqa: E402
+from benchmark_utils import markdown_table
+from configuration_cdan import MODEL_SIZES, CdanConfig
+from modeling_cdan import CdanForConditionalGeneration
 
 
 def count_parameters(module) -> int:
@@ -45,23 +43,32 @@ def main() -> None:
     parser.add_argument("--visual_extractor", default="resnet101")
     parser.add_argument("--vocab_size", type=int, default=CdanConfig.vocab_size)
     parser.add_argument("--ablation", default="+RA+SC", help="BASE, +RA, +SC or +RA+SC")
+    parser.add_argument("--model_size", default="default", choices=sorted(MODEL_SIZES))
     args = parser.parse_args()
 
-    config = CdanConfig.from_ablation(args.ablation, visual_extractor=args.visual_extractor, vocab_size=args.vocab_size)
+    size = MODEL_SIZES[args.model_size]
+    config = CdanConfig.from_ablation(
+        args.ablation, **size, visual_extractor=args.visual_extractor, vocab_size=args.vocab_size
+    )
     model = CdanForConditionalGeneration(config)
     rows = component_table(model)
     total = count_parameters(model)
-    assert total == sum(count for _, count in rows), "component table does not add up"
-
-    width = max(len(name) for name, _ in rows) + 2
-    print(f"CDAN {args.ablation}, {config.visual_extractor}, vocabulary {config.vocab_size}")
-    print(f"{'component':<{width}}{'parameters':>14}")
-    for name, count in rows:
-        print(f"{name:<{width}}{count:>14,}")
-    print(f"{'total':<{width}}{total:>14,}  ({total / 1e6:.2f} M; paper: 82.25 M)")
+    if total != sum(count for _, count in rows):
+        raise RuntimeError("The component table does not add up to the model's parameter count.")
     inference = total - (count_parameters(model.semantic_projection) if model.semantic_projection is not None else 0)
-    print(f"{'used at inference':<{width}}{inference:>14,}  ({inference / 1e6:.2f} M)")
+
+    print(f"CDAN {args.ablation}, size {args.model_size}, {config.visual_extractor}, vocabulary {config.vocab_size}\n")
+    table_rows = [(name, f"{count:,}") for name, count in rows]
+    table_rows += [
+        ("**total**", f"**{total:,} ({total / 1e6:.2f} M)**"),
+        ("used at inference", f"{inference:,} ({inference / 1e6:.2f} M)"),
+        ("the paper", "82.25 M"),
+    ]
+    print(markdown_table(["component", "parameters"], table_rows))
 
 
 if __name__ == "__main__":
     main()
+
+
+__all__ = ["component_table", "count_parameters"]

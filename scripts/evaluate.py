@@ -9,18 +9,15 @@ efficacy (headline: CE macro-F1) for the model, the most frequent training repor
 model with images shuffled across studies. `train.py` runs the same evaluation on the test split after training.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_cdan import load_cdan_dataset  # noqa: E402
-from evaluation_cdan import PUBLISHED_IU_XRAY, evaluate_split, markdown_table  # noqa: E402
-from modeling_cdan import CdanForConditionalGeneration  # noqa: E402
-from processing_cdan import CdanProcessor  # noqa: E402
+from data_cdan import load_cdan_dataset
+from evaluation_cdan import PUBLISHED_IU_XRAY, evaluate_split, markdown_table
+from modeling_cdan import CdanForConditionalGeneration
+from processing_cdan import CdanProcessor
 
 
 @dataclass
@@ -43,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     processor = CdanProcessor.from_pretrained(args.model)
     dataset_dict = load_cdan_dataset(args.dataset_name, data_dir=args.data_dir)
     if args.max_samples is not None:
-        dataset_dict[args.split] = dataset_dict[args.split].select(range(min(args.max_samples, len(dataset_dict[args.split]))))
+        split = dataset_dict[args.split]
+        dataset_dict[args.split] = split.select(range(min(args.max_samples, len(split))))
     published = PUBLISHED_IU_XRAY if args.dataset_name == "iu_xray" else None
     generation_kwargs = {"num_beams": args.num_beams}
     if args.max_length is not None:

@@ -3,7 +3,7 @@
 Every Open-I report that has MeSH tags (the R2Gen train and val splits, and the Open-I reports R2Gen does not use; the
 R2Gen test split's tags are withheld, and reports indexed "No Indexing" are left out) is labeled from its findings
 and impression, and the labeler's positives are compared with the observations its MeSH terms map to
-(`labeler_cdan.labels_from_mesh`). The script prints, for each requested split, a Markdown table of per-observation
+(`mesh_cdan.labels_from_mesh`). The script prints, for each requested split, a Markdown table of per-observation
 precision, recall, F1 and support, the macro-F1 over the nine headline observations (Atelectasis, Cardiomegaly,
 Edema, Fracture, Lung Lesion, Lung Opacity, No Finding, Pleural Effusion, Support Devices), and the labeling
 throughput in reports per second on one process.
@@ -24,23 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmark_utils import markdown_table
+from evaluation_cdan import macro_f1, precision_recall_f1
+from labeler_cdan import CHEXPERT_OBSERVATIONS, EVALUATION_OBSERVATIONS, CheXpertRuleLabeler, to_binary
+from mesh_cdan import labels_from_mesh, load_mesh_validation_set, report_text
 
-from labeler_cdan import (
-    CHEXPERT_OBSERVATIONS,
-    EVALUATION_OBSERVATIONS,
-    CheXpertRuleLabeler,
-    labels_from_mesh,
-    load_mesh_validation_set,
-    macro_f1,
-    precision_recall_f1,
-    report_text,
-    to_binary,
-)
 
 SPLIT_GROUPS = {
     "all": ("train", "val", "outside"),
@@ -67,17 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def markdown_table(scores: dict[str, dict[str, float]]) -> str:
+def scores_table(scores: dict[str, dict[str, float]]) -> str:
     """Per-observation scores as a Markdown table (headline observations marked with *)."""
-    lines = ["| observation | precision | recall | F1 | support | predicted |", "|---|---:|---:|---:|---:|---:|"]
+    rows = []
     for name in CHEXPERT_OBSERVATIONS:
         row = scores[name]
         marker = "*" if name in EVALUATION_OBSERVATIONS else ""
-        lines.append(
-            f"| {name}{marker} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} | "
-            f"{row['predicted']} |"
-        )
-    return "\n".join(lines)
+        rates = [f"{row[key]:.3f}" for key in ("precision", "recall", "f1")]
+        rows.append([name + marker, *rates, row["support"], row["predicted"]])
+    return markdown_table(["observation", "precision", "recall", "F1", "support", "predicted"], rows)
 
 
 def measure_throughput(labeler: CheXpertRuleLabeler, texts: list[str], repeats: int = 3) -> float:
@@ -110,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores = precision_recall_f1([predictions[i] for i in members], [references[i] for i in members])
         results["splits"][group] = {"reports": len(members), "macro_f1": macro_f1(scores), "scores": scores}
         print(f"\n### {group} ({len(members)} reports, UNCERTAIN as {args.uncertain_as})\n")
-        print(markdown_table(scores))
+        print(scores_table(scores))
         print(f"\nmacro-F1 over the nine headline observations (*): {macro_f1(scores):.4f}")
 
     throughput = measure_throughput(labeler, texts)
@@ -142,4 +131,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["SPLIT_GROUPS", "main", "markdown_table", "measure_throughput", "parse_args"]
+__all__ = ["SPLIT_GROUPS", "main", "measure_throughput", "parse_args", "scores_table"]

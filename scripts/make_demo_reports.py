@@ -3,8 +3,9 @@
 The demo ships about 1,000 IU X-Ray studies of the R2Gen split (Chen et al., "Generating Radiology Reports via
 Memory-driven Transformer", EMNLP 2020) with their Open-I report sections copied verbatim from the Indiana University
 Chest X-ray Collection (Demner-Fushman et al., JAMIA 23(2), 2016; CC BY-NC-ND 4.0, so no field is edited). It reads
-the text staged beside the checkout (`../shared/data/iu_xray`): `annotation.json` (R2Gen split membership),
-`r2gen_to_openi_crosswalk.json` (R2Gen id -> Open-I uid) and `openi_reports.jsonl` (the parsed Open-I reports).
+the text staged in `iu_xray` of the shared data folder (`$CDAN_SHARED_DATA`, by default `../shared/data`):
+`annotation.json` (R2Gen split membership), `r2gen_to_openi_crosswalk.json` (R2Gen id -> Open-I uid) and
+`openi_reports.jsonl` (the parsed Open-I reports).
 
 Selection rule (per R2Gen split, quotas train 700 / val 100 / test 200):
 
@@ -27,9 +28,11 @@ import random
 import re
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = REPOSITORY.parent / "shared" / "data" / "iu_xray"
-DEFAULT_OUTPUT = REPOSITORY / "data" / "demo" / "reports.jsonl"
+from data_cdan import DEMO_REPORTS_FILE
+from data_cdan.testing import IU_XRAY
+
+DEFAULT_SHARED = IU_XRAY
+DEFAULT_OUTPUT = DEMO_REPORTS_FILE
 
 SPLIT_QUOTAS = {"train": 700, "val": 100, "test": 200}
 SELECTION_SEED = 2025

@@ -2,17 +2,40 @@
 
 Report text is real (IU X-Ray / Open-I in ../shared); pixels are real chest X-ray PNGs from ../shared standing in for
 the IU X-Ray images, which are not available. MIMIC-CXR inputs are generated in the exact MIMIC-CXR-JPG / R2Gen
-formats (tests/fixtures_data.py).
+formats (`data_cdan.testing`).
 """
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
-from fixtures_data import (
+from PIL import Image
+
+from data_cdan import (
+    DEMO_REPORTS_FILE,
+    CdanDataError,
+    DemoBuilder,
+    IuXrayBuilder,
+    MimicCxrBuilder,
+    check_study,
+    export_to_parquet,
+    get_cdan_builder,
+    iter_r2gen_annotation,
+    iu_views_from_dicom,
+    load_cdan_dataset,
+    match_r2gen_to_openi,
+    push_to_hub,
+    seeded_split,
+    select_view_indices,
+)
+from data_cdan import iu_xray as iu_module
+from data_cdan import mimic_cxr as mimic_module
+from data_cdan.testing import (
     ANNOTATION_FILE,
     CROSSWALK_FILE,
     DICOM_METADATA_FILE,
@@ -27,24 +50,6 @@ from fixtures_data import (
     write_png_folder,
     write_r2gen_layout,
     write_report_archive,
-)
-from PIL import Image
-
-from data_cdan import (
-    DEMO_REPORTS_FILE,
-    CdanDataError,
-    DemoBuilder,
-    IuXrayBuilder,
-    MimicCxrBuilder,
-    export_to_parquet,
-    get_cdan_builder,
-    iter_r2gen_annotation,
-    iu_views_from_dicom,
-    load_cdan_dataset,
-    match_r2gen_to_openi,
-    push_to_hub,
-    seeded_split,
-    select_view_indices,
 )
 from labeler_cdan import CHEXPERT_OBSERVATIONS, NEGATIVE, NOT_MENTIONED, POSITIVE, UNCERTAIN, label_report
 
@@ -103,16 +108,20 @@ def r2gen_dataset(tmp_path_factory, annotation, pngs) -> datasets.DatasetDict:
     return load_cdan_dataset("iu_xray", data_dir=root, cache_dir=root.parent / "cache", verify_images=False)
 
 
+def prepare_openi(cache_dir: Path, images_dir: Path, **options) -> IuXrayBuilder:
+    """IU X-Ray from the real Open-I report archive, image paths not verified."""
+    return prepare(
+        "iu_xray", cache_dir, reports_file=REPORTS_ARCHIVE, images_dir=images_dir, verify_images=False, **options
+    )
+
+
 @pytest.fixture(scope="module")
 def openi_builder(tmp_path_factory, openi_png_dir) -> IuXrayBuilder:
-    return prepare(
-        "iu_xray",
+    return prepare_openi(
         tmp_path_factory.mktemp("openi_cache"),
-        reports_file=REPORTS_ARCHIVE,
-        images_dir=openi_png_dir,
+        openi_png_dir,
         annotation_file=ANNOTATION_FILE,
         dicom_metadata_file=DICOM_METADATA_FILE,
-        verify_images=False,
     )
 
 
@@ -123,13 +132,7 @@ def openi_dataset(openi_builder) -> datasets.DatasetDict:
 
 @pytest.fixture(scope="module")
 def seeded_builder(tmp_path_factory, openi_png_dir) -> IuXrayBuilder:
-    return prepare(
-        "iu_xray",
-        tmp_path_factory.mktemp("seeded_cache"),
-        reports_file=REPORTS_ARCHIVE,
-        images_dir=openi_png_dir,
-        verify_images=False,
-    )
+    return prepare_openi(tmp_path_factory.mktemp("seeded_cache"), openi_png_dir)
 
 
 @pytest.fixture(scope="module")
@@ -301,9 +304,7 @@ def test_seeded_split_changes_with_the_seed_only():
 
 
 def test_min_images_2_selects_the_r2gen_studies(tmp_path, openi_png_dir, crosswalk):
-    builder = prepare(
-        "iu_xray", tmp_path, reports_file=REPORTS_ARCHIVE, images_dir=openi_png_dir, min_images=2, verify_images=False
-    )
+    builder = prepare_openi(tmp_path, openi_png_dir, min_images=2)
     uids = {uid for dataset in builder.as_dataset().values() for uid in dataset["openi_uid"]}
     assert uids == {entry["uid"] for entry in crosswalk.values()}
     assert skipped(builder)["counts_by_reason"] == {"empty_findings": 530, "too_few_images": 470}
@@ -459,6 +460,45 @@ def test_annotation_entry_without_openi_report_error_names_id(tmp_path, pngs, re
             images_dir=png_dir,
             annotation_file=tmp_path / "annotation.json",
         )
+
+
+@pytest.mark.parametrize(
+    "facts, expected",
+    [
+        ({"split": None, "split_name": "dev"}, ("unknown_split", "unknown split 'dev'")),
+        ({"split": "train", "is_duplicate": True}, ("duplicate_id", "id s1 appears more than once")),
+        ({"findings": " \n "}, ("empty_findings", "the findings are empty")),
+        ({"findings": "Clear.", "image_count": 1, "min_images": 2}, ("too_few_images", "1 image(s), fewer than")),
+        ({"split": "test", "findings": "Clear.", "image_count": 2, "min_images": 2}, None),
+    ],
+    ids=["unknown_split", "duplicate_id", "empty_findings", "too_few_images", "passes"],
+)
+def test_check_study_returns_the_first_problem_and_its_message(facts, expected):
+    found = check_study("s1", **facts)
+    if expected is None:
+        assert found is None
+    else:
+        assert found[0] == expected[0] and found[1].startswith(expected[1])
+
+
+@pytest.mark.parametrize("builder_module", [iu_module, mimic_module], ids=["iu_xray", "mimic_cxr"])
+def test_annotation_is_parsed_once_for_all_three_splits(monkeypatch, tmp_path, annotation, pngs, builder_module):
+    calls = []
+    real_reader = builder_module.iter_r2gen_annotation
+
+    def counting_reader(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        return real_reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(builder_module, "iter_r2gen_annotation", counting_reader)
+    if builder_module is mimic_module:
+        root = write_mimic_fixture(tmp_path / "mimic_cxr", mimic_studies())
+        builder = prepare("mimic_cxr", tmp_path / "cache", data_dir=root)
+    else:
+        root = r2gen_inputs(tmp_path, small_annotation(annotation), pngs)
+        builder = prepare("iu_xray", tmp_path / "cache", data_dir=root)
+    assert all(split.num_examples for split in builder.info.splits.values())
+    assert calls == ["annotation.json"]
 
 
 def test_unknown_policy_value_is_rejected():
@@ -657,6 +697,31 @@ def test_mimic_image_missing_from_metadata_error_names_id_and_table(tmp_path):
     with pytest.raises(CdanDataError, match=re.escape(removed)) as error:
         prepare("mimic_cxr", tmp_path / "cache", data_dir=root)
     assert str(metadata) in str(error.value)
+
+
+def test_mimic_tables_reach_the_splits_through_gen_kwargs_not_the_builder(tmp_path, mimic_root):
+    builder = get_cdan_builder("mimic_cxr", data_dir=mimic_root, cache_dir=tmp_path)
+    generators = builder._split_generators(dl_manager=None)
+    tables = generators[0].gen_kwargs["tables"]
+    assert isinstance(tables, mimic_module.MimicTables)
+    assert all(generator.gen_kwargs["tables"] is tables for generator in generators)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tables.images_dir = tmp_path
+    builder.download_and_prepare()
+    table_like = (np.ndarray, pa.Array, pa.ChunkedArray, pa.Table, mimic_module.MimicTables)
+    assert [name for name, value in vars(builder).items() if isinstance(value, table_like)] == []
+
+
+def test_mimic_split_entry_files_are_removed_after_prepare_also_on_error(tmp_path):
+    root = write_mimic_fixture(tmp_path / "mimic_cxr", mimic_studies()[:3], compress=False)
+    prepare("mimic_cxr", tmp_path / "cache", data_dir=root)
+    annotation_file = root / "annotation.json"
+    annotation = json.loads(annotation_file.read_text(encoding="utf-8"))
+    annotation["train"].append(dict(annotation["train"][0]))
+    annotation_file.write_text(json.dumps(annotation), encoding="utf-8")
+    with pytest.raises(CdanDataError, match="more than once"):
+        prepare("mimic_cxr", tmp_path / "cache_error", data_dir=root)
+    assert list(tmp_path.glob("cache*/mimic_cxr-entries-*")) == []
 
 
 def test_push_to_hub_refuses_mimic(mimic_builder):

@@ -12,11 +12,14 @@ from pycocoevalcap.rouge.rouge import Rouge
 from evaluation_cdan import (
     compute_clinical_efficacy,
     compute_nlg_metrics,
+    macro_f1,
     markdown_table,
     most_frequent_report,
+    precision_recall_f1,
     shuffled_image_predictions,
     write_evaluation,
 )
+from labeler_cdan import CHEXPERT_OBSERVATIONS
 from processing_cdan import clean_report_iu_xray
 
 
@@ -79,6 +82,28 @@ def test_clinical_efficacy_counts_a_missed_finding():
     assert scores["CE micro-R"] == 0.5
     assert scores["CE F1 Cardiomegaly"] == 1.0
     assert scores["CE F1 Pleural Effusion"] == 0.0
+
+
+def test_precision_recall_f1_on_a_hand_made_case():
+    cardiomegaly, edema = CHEXPERT_OBSERVATIONS.index("Cardiomegaly"), CHEXPERT_OBSERVATIONS.index("Edema")
+
+    def row(*positive_columns: int) -> list[int]:
+        return [int(column in positive_columns) for column in range(len(CHEXPERT_OBSERVATIONS))]
+
+    predictions = [row(cardiomegaly), row(cardiomegaly), row(), row(edema)]
+    references = [row(cardiomegaly), row(), row(cardiomegaly), row()]
+    scores = precision_recall_f1(predictions, references, ("Cardiomegaly", "Edema", "Fracture"))
+    assert scores["Cardiomegaly"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "predicted": 2}
+    assert scores["Edema"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 1}
+    assert scores["Fracture"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 0}
+    assert macro_f1(scores, ("Cardiomegaly", "Edema")) == 0.25
+
+
+def test_clinical_efficacy_macro_f1_is_the_mean_over_the_14_observations(iu_test_references):
+    references, predictions = iu_test_references[:60], iu_test_references[60:120]
+    scores = compute_clinical_efficacy(references, predictions)
+    per_observation = {name: {"f1": scores[f"CE F1 {name}"]} for name in CHEXPERT_OBSERVATIONS}
+    assert scores["CE macro-F1"] == macro_f1(per_observation, CHEXPERT_OBSERVATIONS)
 
 
 def test_evaluation_files_hold_predictions_metrics_and_table(tmp_path):

@@ -1,4 +1,5 @@
-"""The rule-based CheXpert labeler (`labeler_cdan`): mentions, negation, uncertainty, "No Finding", MeSH validation.
+"""The rule-based CheXpert labeler (`labeler_cdan`): mentions, negation, uncertainty, "No Finding"; its validation
+against IU X-Ray's MeSH tags (`mesh_cdan`).
 
 Hand-written sentences check one rule each; one test scores the labeler against the expert MeSH tags of the R2Gen
 validation split of IU X-Ray (offline, from the shared data folder).
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import configuration_cdan
+import labeler_cdan
+from evaluation_cdan import macro_f1, precision_recall_f1
 from labeler_cdan import (
     CHEXPERT_OBSERVATIONS,
     EVALUATION_OBSERVATIONS,
@@ -19,13 +22,9 @@ from labeler_cdan import (
     CheXpertRuleLabeler,
     label_report,
     label_reports,
-    labels_from_mesh,
-    load_mesh_validation_set,
-    macro_f1,
-    precision_recall_f1,
-    report_text,
     to_binary,
 )
+from mesh_cdan import labels_from_mesh, load_mesh_validation_set, report_text
 
 IU_XRAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "iu_xray"
 
@@ -256,6 +255,12 @@ def test_to_binary_can_count_uncertain_as_negative():
 def test_to_binary_rejects_an_unknown_state():
     with pytest.raises(ValueError):
         to_binary([3])
+
+
+def test_labeler_module_holds_labeling_only():
+    moved = {"labels_from_mesh", "load_mesh_validation_set", "report_text", "MESH_TO_OBSERVATIONS", "macro_f1",
+             "precision_recall_f1"}  # fmt: skip
+    assert not moved & (set(labeler_cdan.__all__) | set(vars(labeler_cdan)))
 
 
 def test_mesh_terms_map_to_observations():

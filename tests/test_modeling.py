@@ -1,12 +1,14 @@
 """Behaviour of the CDAN model on tiny random configurations (CPU, offline)."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from configuration_cdan import ABLATIONS, CdanConfig
+import modeling_cdan
+from configuration_cdan import ABLATIONS, MODEL_SIZES, CdanConfig
 from modeling_cdan import (
     CdanForConditionalGeneration,
     CdanNegativeAttention,
@@ -17,10 +19,9 @@ from modeling_cdan import (
 
 
 def tiny_config(**overrides) -> CdanConfig:
-    """A CDAN small enough for CPU tests: timm's 0.4 M-parameter `test_resnet`, width 32, 64 px, two views."""
+    """A CDAN small enough for CPU tests: timm's 0.4 M-parameter `test_resnet`, width 32, two views (64 px inputs)."""
     fields = dict(
         visual_extractor="test_resnet",
-        image_size=64,
         num_views=2,
         vocab_size=40,
         d_model=32,
@@ -185,6 +186,19 @@ def test_negative_attention_sdpa_identity_matches_explicit_weights(renormalize):
     explicit, _ = negative(features, features, output_attentions=True)
     assert fused_weights is None
     torch.testing.assert_close(fused, explicit)
+
+
+def test_negative_attention_dropout_is_the_same_with_both_kernels():
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        config = tiny_config(attention_dropout=0.5)
+        config._attn_implementation = implementation
+        torch.manual_seed(0)
+        negative = CdanNegativeAttention(config, 32, 4, dropout=0.5).train()
+        features = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        outputs[implementation], _ = negative(features, features)
+    torch.testing.assert_close(outputs["sdpa"], outputs["eager"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("output_attentions", [False, True])  # the SDPA kernel, and eager with its weights
@@ -467,3 +481,46 @@ def test_frozen_visual_extractor_keeps_its_batchnorm_statistics():
     model(pixel_values=study_batch(), labels=report_labels())
     after = [module.running_mean for module in extractor.modules() if hasattr(module, "running_mean")]
     assert running_means and all(torch.equal(a, b) for a, b in zip(running_means, after))
+
+
+def test_return_dict_false_gives_the_outputs_as_a_tuple():
+    model = tiny_model().eval()
+    labels = report_labels()
+    as_tuple = model(pixel_values=study_batch(), labels=labels, return_dict=False)
+    as_output = model(pixel_values=study_batch(), labels=labels)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_output.loss)
+    torch.testing.assert_close(as_tuple[1], as_output.logits)
+
+
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_every_linear_layer_follows_the_prepacking_switch(prepacked):
+    model = tiny_model(prepacked_cpu_linear=prepacked)
+    linear_layers = [module for module in model.modules() if isinstance(module, CdanLinear)]
+    assert len(linear_layers) > 20
+    assert all(layer.prepack_on_cpu is prepacked for layer in linear_layers)
+
+
+def test_equation_comments_use_the_papers_numbers():
+    source = Path(modeling_cdan.__file__).read_text()
+    definitions = {
+        "u_p = self.positive_layer_norm": 10,
+        "u_n = self.negative_layer_norm": 11,
+        "u_pn = self.discrepancy_layer_norm": 12,
+        "u_c = self.disease_classifier": 13,
+        "u_k, _ = self.select_disease_words": 14,
+        "u_s = torch.cat": 16,
+        "loss = self.loss_function": 3,
+        "visual_features = self.visual_extractor(": 4,
+    }
+    for code, number in definitions.items():
+        (line,) = [line for line in source.splitlines() if code in line]
+        assert f"# Eq. ({number})" in line, line
+
+
+def test_paper_sized_configuration_is_within_half_a_percent_of_the_papers_parameter_count():
+    with torch.device("meta"):
+        default = CdanForConditionalGeneration(CdanConfig())
+        paper_sized = CdanForConditionalGeneration(CdanConfig(**MODEL_SIZES["paper-82m"]))
+    assert sum(parameter.numel() for parameter in default.parameters()) == 69_838_670
+    assert abs(sum(parameter.numel() for parameter in paper_sized.parameters()) / 82.25e6 - 1) < 0.005

@@ -2,22 +2,26 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from PIL import Image
 
 from modeling_cdan import CdanForConditionalGeneration
-from pipeline_cdan import CdanReportPipeline, save_checkpoint
+from pipeline_cdan import MIN_TRANSFORMERS_VERSION, CdanReportPipeline, save_checkpoint
 from processing_cdan import CdanImageProcessor, CdanProcessor
 from test_modeling import tiny_config
 
 
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr_images"
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = REPOSITORY.parent / "shared" / "data" / "cxr_images"
 FRONTAL = SHARED_IMAGES / "torchxrayvision_test_images" / "00000001_000.png"
 SECOND_FRONTAL = SHARED_IMAGES / "torchxrayvision_test_images" / "00027426_000.png"
 JPEG = SHARED_IMAGES / "torchxrayvision_test_images" / "16747_3_1.jpg"
@@ -97,8 +101,20 @@ def test_model_card_has_hub_metadata(checkpoint):
     assert "pipeline_tag: image-to-text" in front_matter
     assert "license: cc-by-nc-nd-4.0" in front_matter
     assert "library_name: transformers" in front_matter
-    assert "transformers>=5.0.0" in card
+    assert f"transformers>={MIN_TRANSFORMERS_VERSION}" in card
     assert "| BLEU-4 | 0.123 |" in card
+
+
+def test_model_card_states_the_processors_input_size(checkpoint):
+    card = (checkpoint[0] / "README.md").read_text()
+    assert "`test_resnet` at 64 px" in card
+
+
+def test_minimum_transformers_version_is_the_one_the_package_requires():
+    pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
+    (requirement,) = [line for line in pyproject["project"]["dependencies"] if line.startswith("transformers")]
+    lower_bound = re.search(r">=\s*([\d.]+)", requirement).group(1)
+    assert Version(lower_bound) == Version(MIN_TRANSFORMERS_VERSION)
 
 
 def test_pipeline_in_a_fresh_process_matches_the_model(checkpoint, tmp_path):

@@ -1,4 +1,4 @@
-"""The synthetic chest X-ray renderer (`synthetic_cxr`) and the embedded demo report text (`data/demo`)."""
+"""The synthetic chest X-ray renderer (`data_cdan.synthetic_cxr`) and the embedded demo report text (`data/demo`)."""
 
 import importlib.util
 import json
@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from configuration_cdan import CHEXPERT_OBSERVATIONS
-from synthetic_cxr import (
+from data_cdan.synthetic_cxr import (
     NEGATIVE,
     NOT_MENTIONED,
     PNG_TEXT_CHUNKS,
@@ -21,9 +21,9 @@ from synthetic_cxr import (
     save_png,
     synthetic_mark_box,
 )
+from data_cdan.testing import IU_XRAY
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-SHARED_IU_XRAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "iu_xray"
 DEMO_REPORTS = REPOSITORY / "data" / "demo" / "reports.jsonl"
 DEMO_FIELDS = {"r2gen_id", "openi_uid", "split", "findings", "impression", "indication", "comparison"}
 SIZE = 64
@@ -172,16 +172,16 @@ def test_demo_reports_have_the_documented_fields_and_split_sizes(demo_records):
 
 
 def test_demo_reports_keep_the_r2gen_split_membership(demo_records):
-    annotation = json.loads((SHARED_IU_XRAY / "annotation.json").read_text(encoding="utf-8"))
+    annotation = json.loads((IU_XRAY / "annotation.json").read_text(encoding="utf-8"))
     split_of = {entry["id"]: split for split, entries in annotation.items() for entry in entries}
-    crosswalk = json.loads((SHARED_IU_XRAY / "r2gen_to_openi_crosswalk.json").read_text(encoding="utf-8"))
+    crosswalk = json.loads((IU_XRAY / "r2gen_to_openi_crosswalk.json").read_text(encoding="utf-8"))
     uid_of = {entry["id"]: entry["uid"] for entry in crosswalk}
     assert all(split_of[record["r2gen_id"]] == record["split"] for record in demo_records)
     assert all(uid_of[record["r2gen_id"]] == record["openi_uid"] for record in demo_records)
 
 
 def test_demo_report_text_is_verbatim_open_i(demo_records):
-    with open(SHARED_IU_XRAY / "openi_reports.jsonl", encoding="utf-8") as lines:
+    with open(IU_XRAY / "openi_reports.jsonl", encoding="utf-8") as lines:
         reports = {report["uid"]: report for report in map(json.loads, lines)}
     for record in demo_records:
         source = reports[record["openi_uid"]]
@@ -194,8 +194,8 @@ def test_demo_reports_are_reproduced_by_the_generator_script(demo_records):
     spec = importlib.util.spec_from_file_location("make_demo_reports", REPOSITORY / "scripts" / "make_demo_reports.py")
     make_demo_reports = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_demo_reports)
-    annotation = json.loads((SHARED_IU_XRAY / "annotation.json").read_text(encoding="utf-8"))
-    crosswalk = json.loads((SHARED_IU_XRAY / "r2gen_to_openi_crosswalk.json").read_text(encoding="utf-8"))
-    with open(SHARED_IU_XRAY / "openi_reports.jsonl", encoding="utf-8") as lines:
+    annotation = json.loads((IU_XRAY / "annotation.json").read_text(encoding="utf-8"))
+    crosswalk = json.loads((IU_XRAY / "r2gen_to_openi_crosswalk.json").read_text(encoding="utf-8"))
+    with open(IU_XRAY / "openi_reports.jsonl", encoding="utf-8") as lines:
         reports = {report["uid"]: report for report in map(json.loads, lines)}
     assert make_demo_reports.select_demo_studies(annotation, crosswalk, reports) == demo_records

@@ -20,13 +20,13 @@ from torch import nn
 from labeler_cdan import label_report
 from modeling_cdan import CdanForConditionalGeneration
 from processing_cdan import CdanProcessor
+import train
 from test_modeling import tiny_config
-from train import (
+from train import CdanTrainingArguments, parse_arguments
+from trainer_cdan import (
     CdanDataCollator,
     CdanTrainer,
-    CdanTrainingArguments,
     ReportEmbedder,
-    parse_arguments,
     plot_training_curves,
     warm_up_visual_extractor,
 )
@@ -120,6 +120,21 @@ def test_unknown_preset_is_rejected():
         parse_arguments(["--preset", "chexpert"])
 
 
+def test_help_lists_the_model_and_training_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["--help"])
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for argument in ("--preset", "--ablation", "--model_size", "--learning_rate", "--lambda_mlc", "--text_encoder"):
+        assert argument in printed
+
+
+def test_paper_sized_model_doubles_the_feed_forward_widths():
+    model_args, data_args, _ = parse_arguments(["--preset", "iu_xray", "--model_size", "paper-82m"])
+    config = train.build_config(model_args, data_args, vocab_size=764)
+    assert (config.encoder_ffn_dim, config.decoder_ffn_dim) == (4096, 4096)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,6 +196,21 @@ def tiny_trainer(dataset, processor, output_dir, **argument_overrides) -> CdanTr
         data_collator=CdanDataCollator(processor),
         processing_class=processor,
     )
+
+
+def test_collator_takes_the_labels_of_the_models_observations_in_their_order(tiny_training_parts):
+    dataset, processor = tiny_training_parts
+    states = [1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]  # No Finding, Cardiomegaly, Pleural Effusion positive
+    row = {**dataset[0], "chexpert_labels": states}
+    observations = ["Pleural Effusion", "No Finding", "Edema"]
+    batch = CdanDataCollator(processor, observation_names=observations)([row])
+    assert batch["disease_labels"].tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_collator_rejects_observations_the_data_does_not_label(tiny_training_parts):
+    _, processor = tiny_training_parts
+    with pytest.raises(ValueError, match="Nodule"):
+        CdanDataCollator(processor, observation_names=["Nodule"])
 
 
 def test_compute_loss_is_text_plus_mlc_plus_mse(tiny_training_parts, tmp_path):
@@ -325,7 +355,7 @@ def test_trained_checkpoint_is_evaluated_and_loads_in_the_pipeline(r2gen_fixture
 
 
 def test_cached_features_train_without_touching_the_frozen_extractor(tiny_training_parts, tmp_path):
-    from train import cache_visual_features
+    from trainer_cdan import cache_visual_features
 
     dataset, processor = tiny_training_parts
     trainer = tiny_trainer(dataset, processor, tmp_path, max_steps=2)
@@ -402,3 +432,64 @@ def test_bf16_autocast_trains_on_a_machine_without_gpus(r2gen_fixture, tmp_path)
     with (output_dir / "training_log.csv").open() as handle:
         losses = [float(row["value"]) for row in csv.DictReader(handle) if row["key"] == "loss_text"]
     assert losses and all(math.isfinite(loss) for loss in losses)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Semantic consistency is decided by the model that is built
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_main_for_one_step(r2gen_fixture: Path, output_dir: Path, overrides: str, *extra: str) -> None:
+    flags = list(TINY_MODEL_FLAGS)
+    flags[flags.index("--config_overrides") + 1] += "," + overrides
+    train.main([
+        "--preset", "iu_xray", "--data_dir", str(r2gen_fixture), "--dataset_cache_dir", str(r2gen_fixture / "prepared"),
+        "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--max_steps", "1",
+        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False", "--do_predict", "False",
+        "--logging_steps", "1", "--disable_tqdm", "True", *flags, *extra,
+    ])  # fmt: skip
+
+
+class FixedWidthEmbedder:
+    """Stands in for the text encoder: 24-d embeddings of each report, and a record that it was used."""
+
+    embedding_dim = 24
+    instances = []
+
+    def __init__(self, name_or_path: str):
+        FixedWidthEmbedder.instances.append(self)
+
+    def add_embeddings(self, dataset, text_column: str = "findings"):
+        return dataset.add_column("reference_embedding", [[1.0] * 24] * len(dataset))
+
+
+def logged_values(output_dir: Path, key: str) -> list[float]:
+    with (output_dir / "training_log.csv").open() as handle:
+        return [float(row["value"]) for row in csv.DictReader(handle) if row["key"] == key]
+
+
+def test_semantic_consistency_switched_off_by_an_override_loads_no_text_encoder(r2gen_fixture, tmp_path, monkeypatch):
+    FixedWidthEmbedder.instances = []
+    monkeypatch.setattr(train, "ReportEmbedder", FixedWidthEmbedder)
+    run_main_for_one_step(r2gen_fixture, tmp_path / "run", "use_semantic_consistency=False", "--ablation", "+RA+SC")
+    assert FixedWidthEmbedder.instances == []
+    assert logged_values(tmp_path / "run", "loss_sc") == [0.0]
+
+
+def test_semantic_consistency_switched_on_by_an_override_trains_the_mse_term(r2gen_fixture, tmp_path, monkeypatch):
+    FixedWidthEmbedder.instances = []
+    monkeypatch.setattr(train, "ReportEmbedder", FixedWidthEmbedder)
+    run_main_for_one_step(r2gen_fixture, tmp_path / "run", "use_semantic_consistency=True", "--ablation", "+RA")
+    assert len(FixedWidthEmbedder.instances) == 1
+    assert CdanForConditionalGeneration.from_pretrained(tmp_path / "run").config.semantic_dim == 24
+    assert logged_values(tmp_path / "run", "loss_sc")[0] > 0
+
+
+def test_text_encoder_of_another_width_than_the_checkpoint_is_rejected(r2gen_fixture, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "checkpoint"
+    CdanForConditionalGeneration(tiny_config(semantic_dim=48)).save_pretrained(checkpoint)
+    CdanProcessor.from_reports(["the lungs are clear ."], threshold=1, image_size=64).save_pretrained(checkpoint)
+    monkeypatch.setattr(train, "ReportEmbedder", FixedWidthEmbedder)
+    with pytest.raises(ValueError, match="width 48.*24 dimensions"):
+        run_main_for_one_step(r2gen_fixture, tmp_path / "run", "dropout=0.0", "--model_name_or_path", str(checkpoint))

