@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Sequence
+import unicodedata
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from configuration_cdan import CHEXPERT_OBSERVATIONS
@@ -466,6 +468,14 @@ _DEIDENTIFIED_XRAY = re.compile(r"\bx-xxxx\b")
 _WHITESPACE = re.compile(r"[ \t\r\f\v]+")
 _POST_CUE_WINDOW_WORDS = 6
 _WORD = re.compile(r"[\w']+")
+_LATIN_LETTER = re.compile(r"[a-z]")
+_ANY_LETTER = re.compile(r"[^\W\d_]")
+
+MAX_SENTENCE_WORDS = 200
+"""Longest sentence, in words, that the negation and uncertainty rules read as one: a longer run of text without a
+sentence end is cut into pieces of this many words, and no cue reaches across a cut. Real reports stay far below it
+(the longest sentence of the 3,955 Open-I reports has 47 words); the limit keeps labeling linear in the length of the
+text, since the rules compare every cue of a sentence with every phrase of it."""
 
 
 @dataclass(frozen=True)
@@ -561,10 +571,34 @@ class CheXpertRuleLabeler:
 
     @staticmethod
     def normalize(text: str) -> str:
-        """Lower-case a report, turn "x-XXXX" into "x-ray" and collapse spaces (line breaks are kept)."""
-        text = (text or "").lower()
+        """Fold Unicode compatibility forms (NFKC: full-width letters and spaces become ASCII), lower-case, turn
+        "x-XXXX" into "x-ray" and collapse spaces (line breaks are kept)."""
+        text = unicodedata.normalize("NFKC", _check_text(text, "text")).lower()
         text = _DEIDENTIFIED_XRAY.sub("x-ray", text)
         return _WHITESPACE.sub(" ", text).strip()
+
+    @staticmethod
+    def _sentence_breaks(text: str) -> list[int]:
+        """Offsets where a sentence ends, plus a cut every `MAX_SENTENCE_WORDS` words of a longer sentence."""
+        breaks = [match.start() for match in _SENTENCE_BREAK.finditer(text)]
+        cuts = []
+        next_break, words_in_sentence = 0, 0
+        for word in _WORD.finditer(text):
+            while next_break < len(breaks) and breaks[next_break] < word.start():
+                next_break, words_in_sentence = next_break + 1, 0
+            if words_in_sentence == MAX_SENTENCE_WORDS:
+                cuts.append(word.start())
+                words_in_sentence = 0
+            words_in_sentence += 1
+        if cuts:
+            warnings.warn(
+                f"A report has text longer than {MAX_SENTENCE_WORDS} words without a sentence end; it was cut "
+                f"{len(cuts)} time(s) into pieces of at most {MAX_SENTENCE_WORDS} words (labeler_cdan."
+                "MAX_SENTENCE_WORDS), and no negation or uncertainty cue reaches across a cut.",
+                stacklevel=4,
+            )
+            breaks = sorted(breaks + cuts)
+        return breaks
 
     def _find_cues(self, text: str) -> list[_Cue]:
         found: list[_Cue] = []
@@ -611,7 +645,7 @@ class CheXpertRuleLabeler:
         text = self.normalize(text)
         if not text:
             return []
-        breaks = [match.start() for match in _SENTENCE_BREAK.finditer(text)]
+        breaks = self._sentence_breaks(text)
         cues_by_sentence: dict[int, list[_Cue]] = {}
         terminator_starts: list[int] = []
         for cue in self._find_cues(text):
@@ -684,8 +718,13 @@ class CheXpertRuleLabeler:
 
         Returns:
             `list[int]`: 14 states (`POSITIVE`, `NEGATIVE`, `UNCERTAIN`, `NOT_MENTIONED`) in `CHEXPERT_OBSERVATIONS`
-            order.
+            order. The rules are English: a report with letters but none of the Latin alphabet (after NFKC folding)
+            is all NOT_MENTIONED, "No Finding" included. A report without words (empty, or only punctuation) has
+            "No Finding" POSITIVE and everything else NOT_MENTIONED.
         """
+        folded = unicodedata.normalize("NFKC", _check_text(text, "text")).lower()
+        if _ANY_LETTER.search(folded) and not _LATIN_LETTER.search(folded):
+            return [NOT_MENTIONED] * len(CHEXPERT_OBSERVATIONS)
         by_observation: dict[str, int] = {}
         for mention in self.extract_mentions(text):
             for observation in mention.observations:
@@ -706,7 +745,20 @@ class CheXpertRuleLabeler:
 
     def label_many(self, texts: Iterable[str]) -> list[list[int]]:
         """Label several reports; see `CheXpertRuleLabeler.label`."""
-        return [self.label(text) for text in texts]
+        if isinstance(texts, (str, bytes, bytearray, Mapping)) or not isinstance(texts, Iterable):
+            raise TypeError(
+                f"texts must be an iterable of reports (a list of str), got {type(texts).__name__}; use "
+                "label_report for one report or wrap it in a list."
+            )
+        return [self.label(_check_text(text, f"texts[{index}]")) for index, text in enumerate(texts)]
+
+
+def _check_text(text: object, name: str) -> str:
+    """`text` itself if it is a `str`, otherwise a `TypeError` that names the argument."""
+    if not isinstance(text, str):
+        hint = " (decode bytes first, e.g. text.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"{name} must be a report as a str, got {type(text).__name__}{hint}.")
+    return text
 
 
 _STATE_PRIORITY = {NOT_MENTIONED: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}
@@ -773,6 +825,7 @@ __all__ = [
     "EVALUATION_OBSERVATIONS",
     "HEDGE_CUES",
     "LUNG_OPACITY_CHILDREN",
+    "MAX_SENTENCE_WORDS",
     "MENTION_PHRASES",
     "NEGATION_CUES",
     "NEGATIVE",

@@ -720,6 +720,12 @@ class CdanEncoder(CdanPreTrainedModel):
                 f"This model reads {self.config.num_views} view(s) per study but `pixel_values` has "
                 f"{pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})."
             )
+        if not torch.isfinite(pixel_values).all():
+            studies = (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"`pixel_values` of studies {studies} hold NaN or infinite values; CdanImageProcessor never writes "
+                "them, so check how these inputs were made."
+            )
         return pixel_values
 
     @can_return_tuple
@@ -1033,6 +1039,45 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         if encoder_outputs is not None:
             model_kwargs["encoder_outputs"] = encoder_outputs
         return input_ids, model_kwargs
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs: dict):
+        """Stock checks, plus a positive whole `num_beams` and `num_return_sequences` before anything runs."""
+        for name in ("num_beams", "num_return_sequences"):
+            value = getattr(generation_config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"`{name}` must be a positive integer, got {value!r}; use `num_beams=1` for greedy search or more "
+                    "for beam search, and `num_return_sequences` at most `num_beams`."
+                )
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+    def _validate_generated_length(self, generation_config, input_ids_length: int, has_default_max_length: bool):
+        """
+        Stock checks, plus: no requested length may need more decoder positions than `max_position_embeddings`. A
+        report of `n` tokens (the decoder start token included) feeds `n - 1` of them to the decoder, so the longest
+        possible report has `max_position_embeddings + 1` tokens. Runs after the encoder, before the first decoding
+        step.
+        """
+        longest = self.config.max_position_embeddings + 1
+        config = generation_config
+        requested = []  # (argument, value given, report length in tokens it asks for)
+        if config.max_new_tokens is not None:
+            requested.append(("max_new_tokens", config.max_new_tokens, config.max_new_tokens + input_ids_length))
+        elif not has_default_max_length:  # a default `max_length` is already capped at `max_position_embeddings`
+            requested.append(("max_length", config.max_length, config.max_length))
+        if config.min_new_tokens is not None:
+            requested.append(("min_new_tokens", config.min_new_tokens, config.min_new_tokens + input_ids_length))
+        elif config.min_length is not None:
+            requested.append(("min_length", config.min_length, config.min_length))
+        too_long = [f"`{name}`={value} ({length} tokens)" for name, value, length in requested if length > longest]
+        if too_long:
+            raise ValueError(
+                f"{' and '.join(too_long)} would need more decoder positions than the model has: "
+                f"`max_position_embeddings`={self.config.max_position_embeddings} allows reports of at most "
+                f"{longest} tokens, {input_ids_length} decoder start token(s) included (`max_new_tokens` at most "
+                f"{longest - input_ids_length}). Lower the value(s) or use a model with more positions."
+            )
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
 
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
         """

@@ -53,6 +53,10 @@ class CdanReportPipeline(Pipeline):
 
     Generation parameters (`num_beams`, `max_length`, `no_repeat_ngram_size`, `do_sample`, ...) may be passed at
     construction or per call; by default the checkpoint's `generation_config.json` applies (beam 3, 60 tokens).
+
+    `on_degenerate_image` (`"warn"` or `"error"`), at construction or per call, overrides the image processor's
+    handling of views that cannot be a chest X-ray (tiny, extreme aspect ratio, constant or binary pixels): by default
+    they are processed with a `UserWarning`; with `"error"` they raise `ValueError`.
     """
 
     _load_processor = True
@@ -61,9 +65,12 @@ class CdanReportPipeline(Pipeline):
     _load_tokenizer = False
     _pipeline_calls_generate = True
 
-    def _sanitize_parameters(self, generate_kwargs: dict | None = None, **generation_parameters):
+    def _sanitize_parameters(
+        self, generate_kwargs: dict | None = None, on_degenerate_image: str | None = None, **generation_parameters
+    ):
+        preprocess_params = {} if on_degenerate_image is None else {"on_degenerate_image": on_degenerate_image}
         forward_params = {"generate_kwargs": {**(generate_kwargs or {}), **generation_parameters}}
-        return {}, forward_params, {}
+        return preprocess_params, forward_params, {}
 
     def __call__(self, inputs: Any = None, **kwargs) -> list:
         if inputs is None or (isinstance(inputs, (list, tuple, dict)) and len(inputs) == 0):
@@ -82,11 +89,13 @@ class CdanReportPipeline(Pipeline):
             return list(study)
         return [study]
 
-    def preprocess(self, study: Any) -> dict[str, torch.Tensor]:
+    def preprocess(self, study: Any, on_degenerate_image: str | None = None) -> dict[str, torch.Tensor]:
         views = self.study_views(study)
         if not views:
             raise ValueError("A study with no image was given.")
-        pixel_values = self.processor(images=[views], return_tensors="pt")["pixel_values"]
+        pixel_values = self.processor(
+            images=[views], return_tensors="pt", on_degenerate_image=on_degenerate_image
+        )["pixel_values"]
         return {"pixel_values": pixel_values.to(self.dtype or torch.float32)}
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None) -> dict:

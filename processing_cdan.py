@@ -12,6 +12,7 @@ augmentation for training. Both are packaged the Transformers 5.x way (`BaseImag
 
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -281,6 +282,47 @@ def pil_to_rgb(image: PIL.Image.Image, source: str) -> PIL.Image.Image:
         raise ValueError(f"Unsupported image mode {mode!r} for the image {source}: {error}") from error
 
 
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+"""A scheme such as `https://` at the start of an image path: a URL, which is not fetched."""
+
+DICOM_MAGIC_OFFSET = 128
+DICOM_MAGIC = b"DICM"
+"""DICOM Part 10 files have a 128-byte preamble followed by these 4 bytes."""
+
+
+def check_image_path(image: str | os.PathLike) -> Path:
+    """
+    The path of an image file, after checking that it names one: raises `ValueError` for an empty string, a URL or a
+    directory, and `FileNotFoundError` (naming the path) when nothing is there.
+    """
+    text = os.fspath(image)
+    if isinstance(text, str) and not text.strip():
+        raise ValueError(f"The image path is empty ({text!r}); give the path of an image file (PNG or JPEG).")
+    if isinstance(text, str) and URL_PATTERN.match(text):
+        raise ValueError(
+            f"The image path {text} is a URL, and URLs are not fetched: download the file first and pass its local "
+            "path."
+        )
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"The image path {path} is a directory; give the path of one image file.")
+    if not path.exists():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"The image path {path} is not a regular file; give the path of an image file.")
+    return path
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether the file at `path` starts like a DICOM Part 10 file ("DICM" after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(DICOM_MAGIC_OFFSET)
+            return file.read(len(DICOM_MAGIC)) == DICOM_MAGIC
+    except OSError:
+        return False
+
+
 def load_image(image: ImageInput) -> PIL.Image.Image:
     """
     Load one chest X-ray view as an 8-bit RGB PIL image.
@@ -305,25 +347,35 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
 
     Raises:
         `FileNotFoundError`: the path does not exist (the message names it).
-        `ValueError`: the file cannot be decoded (corrupt, truncated, not an image), the image is empty (zero width
-            or height), its mode or array layout is unsupported; the message names the path, mode or shape.
+        `ValueError`: the path is empty, a URL (not fetched) or a directory; the file cannot be decoded (corrupt,
+            truncated, not an image; DICOM files are recognised and named as such); a PIL image was closed; the image
+            is empty (zero width or height), its mode or array layout is unsupported. The message names the path,
+            mode or shape.
         `TypeError`: the input is of another type.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.exists():
-            raise FileNotFoundError(f"Image file not found: {path}")
-        if not path.is_file():
-            raise ValueError(f"The image path {path} is not a file.")
+        path = check_image_path(image)
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()
                 return pil_to_rgb(opened, source=str(path))
         except (PIL.UnidentifiedImageError, OSError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as error:
+            if is_dicom_file(path):
+                raise ValueError(
+                    f"The image file {path} is a DICOM file, and DICOM is not read yet: convert it to PNG first (for "
+                    "example with pydicom: save `pydicom.dcmread(path).pixel_array` as a 16-bit greyscale PNG)."
+                ) from error
             raise ValueError(f"Cannot read the image file {path}: {error}") from error
     if isinstance(image, PIL.Image.Image):
+        description = f"The PIL image ({image.mode}, {image.size[0]}x{image.size[1]})"
         try:
             image.load()
+        except (ValueError, AssertionError) as error:  # `close()` released the pixels, or the file closed unread
+            raise ValueError(
+                f"{description} cannot be read: it was closed (`close()`), or its file was closed before its pixels "
+                "were read (a `with PIL.Image.open(...)` block ended before `load()`). Pass the image while it is "
+                "open, or pass its file path."
+            ) from error
         except (OSError, SyntaxError, EOFError) as error:
             raise ValueError(f"Cannot read the PIL image ({image.mode}, {image.size}): {error}") from error
         return pil_to_rgb(image, source=f"given as a PIL image ({image.mode})")
@@ -338,6 +390,42 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
 def is_single_image(item: Any) -> bool:
     """Whether `item` is one image (path, PIL image or array) rather than a list of images."""
     return isinstance(item, (str, os.PathLike, PIL.Image.Image, np.ndarray))
+
+
+DEGENERATE_IMAGE_ACTIONS = ("warn", "error")
+"""What [`CdanImageProcessor`] does with an image that cannot be a chest film: warn and go on, or refuse."""
+
+MIN_IMAGE_SIDE = 32
+"""Shorter side, in pixels, below which an image is too small to be a chest film."""
+
+MAX_ASPECT_RATIO = 4.0
+"""Longer side over shorter side above which an image cannot be a chest film (real ones are near 1:1)."""
+
+
+def degenerate_image_reasons(image: PIL.Image.Image) -> list[str]:
+    """Why a loaded RGB view cannot be a chest X-ray (tiny, extreme aspect ratio, constant or binary pixels)."""
+    width, height = image.size
+    reasons = []
+    if min(width, height) < MIN_IMAGE_SIDE:
+        reasons.append(f"it is {width}x{height} px, smaller than {MIN_IMAGE_SIDE} px on a side")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        reasons.append(f"its aspect ratio ({width}x{height} px) is beyond {MAX_ASPECT_RATIO:g}:1")
+    histogram = np.asarray(image.histogram()).reshape(-1, 256)  # one row of 256 counts per channel
+    levels = int((histogram > 0).sum(axis=1).max())  # distinct values of the most varied channel
+    if levels == 1:
+        reasons.append("all its pixels have the same value")
+    elif levels == 2:
+        reasons.append("it has only two pixel values (a binary image, such as a boolean array)")
+    return reasons
+
+
+def describe_image(image: ImageInput) -> str:
+    """A short name of an image input for messages: its path, or its type with mode and size or shape."""
+    if isinstance(image, PIL.Image.Image):
+        return f"a PIL image ({image.mode}, {image.size[0]}x{image.size[1]})"
+    if isinstance(image, np.ndarray):
+        return f"an array of shape {image.shape} ({image.dtype})"
+    return os.fspath(image)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,6 +444,7 @@ class CdanImageProcessorKwargs(ImagesKwargs, total=False):
     augment_translate: float
     augment_scale_range: float
     augment_horizontal_flip: bool
+    on_degenerate_image: str
 
 
 class CdanImageProcessor(BaseImageProcessor):
@@ -395,6 +484,10 @@ class CdanImageProcessor(BaseImageProcessor):
             Random zoom in `[1 - augment_scale_range, 1 + augment_scale_range]` when augmenting.
         augment_horizontal_flip (`bool`, *optional*, defaults to `False`):
             Whether augmentation flips images left-right with probability 0.5 (see above why it is off).
+        on_degenerate_image (`str`, *optional*, defaults to `"warn"`):
+            What to do with a view that cannot be a chest X-ray: shorter side under 32 px, aspect ratio beyond 4:1,
+            all pixels equal, or only two pixel values (a binary or boolean image). `"warn"` emits a `UserWarning`
+            naming the view and the reason and processes it; `"error"` raises `ValueError` instead.
     """
 
     valid_kwargs = CdanImageProcessorKwargs
@@ -412,9 +505,11 @@ class CdanImageProcessor(BaseImageProcessor):
         augment_translate: float = 0.02,
         augment_scale_range: float = 0.05,
         augment_horizontal_flip: bool = False,
+        on_degenerate_image: str = "warn",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_degenerate_image_action(on_degenerate_image)
         if image_size < 1:
             raise ValueError(f"`image_size` must be positive, got {image_size}.")
         if num_views < 1:
@@ -436,6 +531,7 @@ class CdanImageProcessor(BaseImageProcessor):
         self.augment_translate = float(augment_translate)
         self.augment_scale_range = float(augment_scale_range)
         self.augment_horizontal_flip = bool(augment_horizontal_flip)
+        self.on_degenerate_image = on_degenerate_image
 
     def normalization_steps(self) -> list:
         """PIL image -> float32 tensor in [0, 1] -> normalised with `image_mean` / `image_std`."""
@@ -533,7 +629,12 @@ class CdanImageProcessor(BaseImageProcessor):
         return studies
 
     def preprocess(
-        self, images: Any, return_tensors: str | None = "pt", do_augment: bool = False, **kwargs
+        self,
+        images: Any,
+        return_tensors: str | None = "pt",
+        do_augment: bool = False,
+        on_degenerate_image: str | None = None,
+        **kwargs,
     ) -> BatchFeature:
         """
         Load, resize and normalise a batch of studies.
@@ -546,6 +647,8 @@ class CdanImageProcessor(BaseImageProcessor):
                 `"pt"` for a torch tensor or `"np"` for a numpy array (`None` means `"pt"`).
             do_augment (`bool`, *optional*, defaults to `False`):
                 Use the random [`~CdanImageProcessor.train_transform`] instead of the deterministic resize.
+            on_degenerate_image (`str`, *optional*):
+                `"warn"` or `"error"`: overrides the processor's `on_degenerate_image` for this call.
 
         Returns:
             [`BatchFeature`]: `pixel_values`, float32 of shape `(batch, num_views, 3, image_size, image_size)`.
@@ -553,13 +656,44 @@ class CdanImageProcessor(BaseImageProcessor):
         if kwargs:
             raise TypeError(f"Unexpected keyword argument(s) for CdanImageProcessor.preprocess: {sorted(kwargs)}.")
         tensor_type = check_return_tensors(return_tensors)
+        action = self.on_degenerate_image if on_degenerate_image is None else on_degenerate_image
+        check_degenerate_image_action(action)
         studies = self.group_into_studies(images)
         transform = self.train_transform() if do_augment else self.eval_transform()
-        study_tensors = [torch.stack([transform(load_image(view)) for view in views]) for views in studies]
+        study_tensors = []
+        for study_index, views in enumerate(studies):
+            loaded: dict[int, PIL.Image.Image] = {}  # a single view repeated to fill the study is read once
+            for view_index, view in enumerate(views):
+                if id(view) not in loaded:
+                    loaded[id(view)] = self.load_view(view, f"study {study_index}, view {view_index}", action)
+            study_tensors.append(torch.stack([transform(loaded[id(view)]) for view in views]))
         pixel_values = torch.stack(study_tensors)
         if tensor_type == "np":
             pixel_values = pixel_values.numpy()
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=tensor_type)
+
+    @staticmethod
+    def load_view(view: ImageInput, position: str, on_degenerate_image: str) -> PIL.Image.Image:
+        """[`load_image`], then warn about or refuse a view that cannot be a chest X-ray (`on_degenerate_image`)."""
+        image = load_image(view)
+        reasons = degenerate_image_reasons(image)
+        if reasons:
+            message = (
+                f"The image at {position} ({describe_image(view)}) cannot be a chest X-ray: {'; '.join(reasons)}. "
+                "A report written from it would be meaningless; check the input"
+            )
+            if on_degenerate_image == "error":
+                raise ValueError(f"{message}. (Refused because `on_degenerate_image='error'`.)")
+            warnings.warn(f"{message}, or pass `on_degenerate_image='error'` to refuse such images.", UserWarning)
+        return image
+
+
+def check_degenerate_image_action(on_degenerate_image: Any) -> None:
+    """Raise `ValueError` unless `on_degenerate_image` is one of `DEGENERATE_IMAGE_ACTIONS`."""
+    if on_degenerate_image not in DEGENERATE_IMAGE_ACTIONS:
+        raise ValueError(
+            f"`on_degenerate_image` must be one of {list(DEGENERATE_IMAGE_ACTIONS)}, got {on_degenerate_image!r}."
+        )
 
 
 def check_return_tensors(return_tensors: Any) -> str:
@@ -689,6 +823,8 @@ class CdanProcessor(ProcessorMixin):
 
     def tokenize_reports(self, text: str | Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """Clean and tokenise reports; each ends with `<eos>` and has at most `max_length` tokens."""
+        if not isinstance(text, (str, Iterable)):
+            raise TypeError(f"`text` must be a report string or a list of report strings, got {type(text).__name__}.")
         reports = [text] if isinstance(text, str) else list(text)
         if len(reports) == 0:
             raise ValueError("No report given: `text` is an empty list.")
@@ -706,6 +842,7 @@ class CdanProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         do_augment: bool = False,
         max_length: int | None = None,
+        on_degenerate_image: str | None = None,
     ) -> BatchFeature:
         """
         Prepare studies and/or reports for the model.
@@ -721,6 +858,8 @@ class CdanProcessor(ProcessorMixin):
                 Apply the image processor's training augmentation.
             max_length (`int`, *optional*):
                 Overrides the processor's `max_length` for this call.
+            on_degenerate_image (`str`, *optional*):
+                `"warn"` or `"error"`: overrides the image processor's `on_degenerate_image` for this call.
 
         Returns:
             [`BatchFeature`]: `pixel_values` `(batch, num_views, 3, H, W)` when images are given; `labels`
@@ -731,7 +870,11 @@ class CdanProcessor(ProcessorMixin):
         tensor_type = check_return_tensors(return_tensors)
         data: dict[str, Any] = {}
         if images is not None:
-            data.update(self.image_processor(images, return_tensors=tensor_type, do_augment=do_augment))
+            data.update(
+                self.image_processor(
+                    images, return_tensors=tensor_type, do_augment=do_augment, on_degenerate_image=on_degenerate_image
+                )
+            )
         if text is not None:
             label_ids = self.tokenize_reports(text, max_length=max_length)
             if "pixel_values" in data and len(data["pixel_values"]) != len(label_ids):

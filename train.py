@@ -36,15 +36,15 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 import transformers
-from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed
+from transformers import EvalPrediction, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 
@@ -53,10 +53,10 @@ try:
     from .data_cdan import load_cdan_dataset
     from .evaluation_cdan import (
         PUBLISHED_IU_XRAY,
-        compute_clinical_efficacy,
-        compute_nlg_metrics,
         evaluate_split,
         markdown_table,
+        reference_reports,
+        score_reports,
     )
     from .modeling_cdan import CdanForConditionalGeneration
     from .pipeline_cdan import register_pipeline_in_config, save_checkpoint
@@ -76,10 +76,10 @@ except ImportError:
     from data_cdan import load_cdan_dataset
     from evaluation_cdan import (
         PUBLISHED_IU_XRAY,
-        compute_clinical_efficacy,
-        compute_nlg_metrics,
         evaluate_split,
         markdown_table,
+        reference_reports,
+        score_reports,
     )
     from modeling_cdan import CdanForConditionalGeneration
     from pipeline_cdan import register_pipeline_in_config, save_checkpoint
@@ -326,6 +326,37 @@ def match_semantic_dim(config: CdanConfig, embedding_dim: int, model_args: Model
     config.semantic_dim = embedding_dim
 
 
+def build_compute_metrics(
+    processor: CdanProcessor, eval_dataset: datasets.Dataset
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """
+    The validation metrics of `Seq2SeqTrainer` (`predict_with_generate`), scored as `evaluate_split` scores the test
+    split: the generated reports against each study's cleaned `findings` (not against the labels, which are
+    truncated to `max_length` and lose their out-of-vocabulary words), with `score_reports` without METEOR.
+
+    The Trainer's predictions come in the order of `eval_dataset` (`CdanTrainer` reads evaluation data sequentially).
+
+    Args:
+        processor (`CdanProcessor`): cleans the references and decodes the generated token ids.
+        eval_dataset (`datasets.Dataset`): the studies the Trainer evaluates, with their `findings`.
+
+    Returns:
+        `Callable[[EvalPrediction], dict[str, float]]`: the `compute_metrics` of the Trainer.
+    """
+    references = reference_reports(processor, eval_dataset)
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        generated = processor.batch_decode(prediction.predictions, skip_special_tokens=True)
+        if len(generated) != len(references):
+            raise ValueError(
+                f"compute_metrics got {len(generated)} generated reports for an evaluation set of {len(references)} "
+                "studies: it scores the validation split given to the Trainer; pass other data to evaluate_split."
+            )
+        return score_reports(references, generated, with_meteor=False)
+
+    return compute_metrics
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -388,16 +419,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for split in raw:
             raw[split] = cache_visual_features(model, processor, raw[split], training_args.per_device_eval_batch_size)
 
-    def compute_metrics(prediction):
-        predictions = np.where(prediction.predictions < 0, processor.tokenizer.pad_token_id, prediction.predictions)
-        labels = np.where(prediction.label_ids < 0, processor.tokenizer.pad_token_id, prediction.label_ids)
-        generated = processor.batch_decode(predictions, skip_special_tokens=True)
-        references = processor.batch_decode(labels, skip_special_tokens=True)
-        return {
-            **compute_nlg_metrics(references, generated, with_meteor=False),
-            "CE macro-F1": compute_clinical_efficacy(references, generated)["CE macro-F1"],
-        }
-
     trainer = CdanTrainer(
         model=model,
         args=training_args,
@@ -408,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             observation_names=config.observation_names,
         ),  # fmt: skip
         processing_class=processor,
-        compute_metrics=compute_metrics,
+        compute_metrics=build_compute_metrics(processor, raw["validation"]),
         callbacks=[LossTermsCallback(training_args.output_dir)],
         eval_data_collator=CdanDataCollator(processor, augment=False, observation_names=config.observation_names),
     )
@@ -452,6 +473,7 @@ __all__ = [
     "CdanTrainingArguments",
     "DataArguments",
     "ModelArguments",
+    "build_compute_metrics",
     "build_config",
     "main",
     "match_semantic_dim",

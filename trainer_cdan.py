@@ -33,8 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torch.utils.data import SequentialSampler
 from transformers import AutoModel, AutoTokenizer, Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer_utils import has_length
 
 
 try:
@@ -245,6 +247,16 @@ class CdanTrainer(Seq2SeqTrainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = training_collator
+
+    def _get_eval_sampler(self, eval_dataset) -> torch.utils.data.Sampler | None:
+        """
+        Evaluation reads the studies in dataset order, whatever `train_sampling_strategy` is: `compute_metrics` pairs
+        the generated reports with the references by position. Several processes read consecutive batches, which
+        `gather_for_metrics` puts back in order.
+        """
+        if eval_dataset is None or not has_length(eval_dataset):
+            return None
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Also count the studies of the accumulated batch, for the per-study terms."""

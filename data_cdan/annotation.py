@@ -50,12 +50,19 @@ class _JsonTextStream:
         return True
 
     def peek(self) -> str:
+        """The next character that is not whitespace (the position is then on it)."""
+        if self.at_file_end():
+            raise self.error("unexpected end of file")
+        return self.buffer[self.position]
+
+    def at_file_end(self) -> bool:
+        """Whether only whitespace is left in the file (the position is then past it)."""
         while True:
             self.position = _WHITESPACE.match(self.buffer, self.position).end()
             if self.position < len(self.buffer):
-                return self.buffer[self.position]
+                return False
             if not self.read_more():
-                raise self.error("unexpected end of file")
+                return True
 
     def take(self, expected: str) -> str:
         character = self.peek()
@@ -94,15 +101,18 @@ def iter_r2gen_annotation(path: str | os.PathLike, chunk_chars: int = 1 << 20) -
         `tuple[str, int, Any]`: the split key as written in the file, the entry's index in that split, the entry.
 
     Raises:
-        `CdanDataError`: the file is not valid UTF-8 JSON in this layout (the message names the file and position).
+        `CdanDataError`: the file is not valid UTF-8 JSON in this layout, or has text after its closing `}` (the
+            message names the file and position), or holds no entry at all.
     """
     path = Path(path)
+    entry_count = 0
     with open(path, encoding="utf-8") as file:
         stream = _JsonTextStream(file, path, chunk_chars)
         stream.take("{")
-        if stream.peek() == "}":
-            return
-        while True:
+        closed = stream.peek() == "}"
+        if closed:
+            stream.take("}")
+        while not closed:
             key = stream.decode()
             if not isinstance(key, str):
                 raise stream.error("expected a split name")
@@ -115,20 +125,38 @@ def iter_r2gen_annotation(path: str | os.PathLike, chunk_chars: int = 1 << 20) -
                 while True:
                     yield key, index, stream.decode()
                     index += 1
+                    entry_count += 1
                     if stream.take(",]") == "]":
                         break
-            if stream.take(",}") == "}":
-                return
+            closed = stream.take(",}") == "}"
+        if not stream.at_file_end():
+            raise stream.error("text after the closing '}' (remove it; is the file two files joined?)")
+    if entry_count == 0:
+        raise CdanDataError(
+            f"No studies found in {path}: every split list is empty or missing. Pass an R2Gen annotation file "
+            '{"train": [...], "val": [...], "test": [...]} with at least one entry.',
+            path=str(path),
+        )
 
 
-def annotation_entry_split(key: str, entry: Any) -> str | None:
-    """The canonical split of an annotation entry, or None when its key or its own `split` field is unknown."""
+def annotation_entry_split(key: str, entry: Any) -> tuple[str | None, str | None]:
+    """
+    The canonical split of an annotation entry: that of the key it is filed under.
+
+    Returns:
+        `tuple[str | None, str | None]`: the split (None for an unknown key) and, when the entry's own `split` field
+        names another split than its key, the message of that `unknown_split` problem (the split is then None).
+    """
     key_split = canonical_split(key)
-    if key_split is None:
-        return None
-    if isinstance(entry, dict) and "split" in entry and canonical_split(entry["split"]) != key_split:
-        return None
-    return key_split
+    if key_split is None or not isinstance(entry, dict) or "split" not in entry:
+        return key_split, None
+    if canonical_split(entry["split"]) == key_split:
+        return key_split, None
+    disagreement = (
+        f"the entry's split field {entry['split']!r} disagrees with the key {key!r} it is filed under; "
+        "file the entry under the key of its split, or correct its split field"
+    )
+    return None, disagreement
 
 
 __all__ = ["annotation_entry_split", "iter_r2gen_annotation"]

@@ -209,12 +209,12 @@ class IuXrayBuilder(CdanBuilder):
             if not isinstance(entry.get("report"), str):
                 self.problems.report("bad_report", study_id, "annotation entry has no string 'report'", annotation)
                 continue
-            split = annotation_entry_split(key, entry)
-            split_name = entry.get("split", key)
+            split, disagreement = annotation_entry_split(key, entry)
+            if disagreement is not None:
+                self.problems.report("unknown_split", study_id, disagreement, annotation)
+                continue
             is_duplicate = study_id in seen
-            if not self.problems.check(
-                study_id, annotation, split=split, split_name=split_name, is_duplicate=is_duplicate
-            ):
+            if not self.problems.check(study_id, annotation, split=split, split_name=key, is_duplicate=is_duplicate):
                 continue
             seen.add(study_id)
             yield split, entry

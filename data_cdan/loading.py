@@ -1,5 +1,7 @@
 """Entry points: the builder for a dataset name, and preparing + loading it in one call."""
 
+import dataclasses
+import difflib
 import os
 
 import datasets
@@ -27,6 +29,17 @@ def get_cdan_builder(
     """
     if name not in BUILDERS:
         raise ValueError(f"Unknown CDAN dataset {name!r}; choose one of {sorted(BUILDERS)}.")
+    config_fields = {field.name for field in dataclasses.fields(BUILDERS[name].BUILDER_CONFIG_CLASS)}
+    for option in options:
+        if option not in config_fields:
+            close = difflib.get_close_matches(option, sorted(config_fields), n=3)
+            hint = f" Did you mean {' or '.join(repr(match) for match in close)}?" if close else ""
+            raise TypeError(
+                f"{name} has no option {option!r}.{hint} Its options are the fields of "
+                f"{BUILDERS[name].BUILDER_CONFIG_CLASS.__name__}."
+            )
+    if cache_dir is not None and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise NotADirectoryError(f"cache_dir {os.fspath(cache_dir)} is a file; give a folder for the prepared data.")
     options = {key: str(value) if isinstance(value, os.PathLike) else value for key, value in options.items()}
     if isinstance(options.get("view_names"), list):
         options["view_names"] = tuple(options["view_names"])

@@ -392,11 +392,13 @@ class MimicCxrBuilder(CdanBuilder):
                 for split, path in entry_files.items()
             }
             for key, index, entry in iter_r2gen_annotation(annotation):
-                split = annotation_entry_split(key, entry)
+                split, disagreement = annotation_entry_split(key, entry)
                 if split is None:
                     item_id = entry.get("id") if isinstance(entry, dict) else f"{key}[{index}]"
-                    split_name = entry.get("split", key) if isinstance(entry, dict) else key
-                    self.problems.check(item_id, annotation, split=None, split_name=split_name)
+                    if disagreement is not None:
+                        self.problems.report("unknown_split", item_id, disagreement, annotation)
+                    else:
+                        self.problems.check(item_id, annotation, split=None, split_name=key)
                     continue
                 if not isinstance(entry, dict):
                     row = {"item_id": f"{key}[{index}]", "problem": "annotation entry has no string 'id'"}

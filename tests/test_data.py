@@ -9,11 +9,14 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from huggingface_hub import HfApi
 from PIL import Image
 
 from data_cdan import (
@@ -521,6 +524,65 @@ def test_annotation_streaming_in_small_chunks_equals_json_load(annotation):
     assert streamed == annotation
 
 
+def annotation_inputs(kind: str, tmp_path: Path, annotation_text: str, pngs, reports_by_uid) -> dict:
+    """The options of a builder of `kind` whose annotation file holds `annotation_text` (inputs otherwise valid)."""
+    if kind == "mimic_cxr":
+        root = write_mimic_fixture(tmp_path / "mimic_cxr", mimic_studies()[:3])
+        (root / "annotation.json").write_text(annotation_text, encoding="utf-8")
+        return {"data_dir": root}
+    if kind == "openi":
+        _, archive, png_dir = small_openi(tmp_path, pngs, reports_by_uid)
+        (tmp_path / "annotation.json").write_text(annotation_text, encoding="utf-8")
+        return {"reports_file": archive, "images_dir": png_dir, "annotation_file": tmp_path / "annotation.json"}
+    root = r2gen_inputs(tmp_path, {}, pngs)
+    (root / "images").mkdir()
+    (root / "annotation.json").write_text(annotation_text, encoding="utf-8")
+    return {"data_dir": root}
+
+
+@pytest.mark.parametrize("kind", ["r2gen", "openi", "mimic_cxr"])
+@pytest.mark.parametrize("annotation_text", ["{}", '{"train": [], "val": [], "test": []}'], ids=["no_key", "empty"])
+def test_annotation_without_studies_is_an_error_naming_the_file(tmp_path, pngs, reports_by_uid, kind, annotation_text):
+    options = annotation_inputs(kind, tmp_path, annotation_text, pngs, reports_by_uid)
+    name = "mimic_cxr" if kind == "mimic_cxr" else "iu_xray"
+    with pytest.raises(CdanDataError, match="No studies found in " + re.escape(str(tmp_path))):
+        prepare(name, tmp_path / "cache", **options)
+
+
+def test_annotation_with_text_after_its_closing_brace_is_an_error_naming_file_and_offset(tmp_path, annotation):
+    path = tmp_path / "annotation.json"
+    text = json.dumps(small_annotation(annotation, 1))
+    path.write_text(text + '\n{"train": []}', encoding="utf-8")
+    with pytest.raises(CdanDataError, match="text after the closing") as error:
+        list(iter_r2gen_annotation(path, chunk_chars=64))
+    assert str(path) in str(error.value) and f"at character {len(text) + 1}" in str(error.value)
+
+
+def test_annotation_followed_by_whitespace_only_is_read(tmp_path, annotation):
+    path = tmp_path / "annotation.json"
+    path.write_text(json.dumps(small_annotation(annotation, 1)) + "\n \t\r\n", encoding="utf-8")
+    assert [key for key, _, _ in iter_r2gen_annotation(path, chunk_chars=64)] == ["train", "val", "test"]
+
+
+@pytest.mark.parametrize("kind", ["r2gen", "openi", "mimic_cxr"])
+def test_entry_whose_split_field_disagrees_with_its_key_is_an_error_naming_both(
+    tmp_path, annotation, pngs, reports_by_uid, kind
+):
+    if kind == "mimic_cxr":
+        source = write_mimic_fixture(tmp_path / "source", mimic_studies()[:3], write_images=False)
+        entries = json.loads((source / "annotation.json").read_text(encoding="utf-8"))
+    else:
+        entries = small_annotation(annotation, 1)
+    entries["train"][0]["split"] = "test"
+    options = annotation_inputs(kind, tmp_path, json.dumps(entries), pngs, reports_by_uid)
+    if kind == "r2gen":
+        write_r2gen_layout(options["data_dir"], entries, pngs)
+    name = "mimic_cxr" if kind == "mimic_cxr" else "iu_xray"
+    with pytest.raises(CdanDataError, match="split field 'test' disagrees with the key 'train'") as error:
+        prepare(name, tmp_path / "cache", **options)
+    assert entries["train"][0]["id"] in str(error.value) and error.value.problem == "unknown_split"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # UTF-8 and Parquet
 # --------------------------------------------------------------------------------------------------------------------
@@ -555,6 +617,56 @@ def test_export_to_parquet_round_trip_embeds_images(tmp_path, annotation, pngs):
         assert reloaded.remove_columns("images").to_list() == dataset[split].remove_columns("images").to_list()
     reloaded_train = datasets.Dataset.from_parquet([str(p) for p in files["train"]], cache_dir=str(tmp_path / "pq"))
     assert np.array_equal(np.asarray(reloaded_train[0]["images"][0]), expected_pixels)
+
+
+def assert_parquet_holds_dataset(parquet_files: dict[str, list[bytes]], dataset: datasets.DatasetDict) -> None:
+    """The Parquet files of each split hold its rows in order, with each image's file bytes embedded unchanged."""
+    assert sorted(parquet_files) == sorted(dataset)
+    for split, files in parquet_files.items():
+        table = pa.concat_tables(pq.read_table(pa.BufferReader(data)) for data in files)
+        rows = table.to_pylist()
+        expected = dataset[split].cast_column("images", datasets.List(datasets.Image(decode=False))).to_list()
+        assert len(rows) == len(expected) > 0
+        for row, expected_row in zip(rows, expected):
+            assert {k: v for k, v in row.items() if k != "images"} == {
+                k: v for k, v in expected_row.items() if k != "images"
+            }
+            stored = [image["bytes"] for image in row["images"]]
+            assert stored == [Path(image["path"]).read_bytes() for image in expected_row["images"]]
+
+
+def test_export_to_parquet_shards_keep_rows_splits_and_exact_image_bytes(tmp_path, annotation, pngs):
+    root = r2gen_inputs(tmp_path, small_annotation(annotation), pngs)
+    dataset = load_cdan_dataset("iu_xray", data_dir=root, cache_dir=tmp_path / "cache")
+    files = export_to_parquet(dataset, tmp_path / "export", max_shard_size=1)  # one shard per study
+    assert {split: len(paths) for split, paths in files.items()} == {"train": 2, "validation": 2, "test": 2}
+    assert_parquet_holds_dataset({split: [p.read_bytes() for p in paths] for split, paths in files.items()}, dataset)
+
+
+class StopBeforeCommit(Exception):
+    """Raised where `push_to_hub` would start talking to the Hub about the commit, after building every file."""
+
+
+def test_push_to_hub_builds_parquet_with_rows_splits_and_exact_image_bytes(monkeypatch, tmp_path, annotation, pngs):
+    root = r2gen_inputs(tmp_path, small_annotation(annotation), pngs)
+    dataset = load_cdan_dataset("iu_xray", data_dir=root, cache_dir=tmp_path / "cache")
+    uploaded: dict[str, bytes] = {}
+
+    def preupload_lfs_files(self, repo_id, additions, **kwargs):
+        for addition in additions:
+            uploaded[addition.path_in_repo] = Path(addition.path_or_fileobj).read_bytes()
+
+    def stop(*args, **kwargs):
+        raise StopBeforeCommit
+
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kwargs: SimpleNamespace(id=repo_id, sha="0" * 40))
+    monkeypatch.setattr(HfApi, "preupload_lfs_files", preupload_lfs_files)
+    monkeypatch.setattr(HfApi, "create_commit", stop)
+    monkeypatch.setattr(datasets.dataset_dict, "HfFileSystem", stop)
+    with pytest.raises(StopBeforeCommit):
+        push_to_hub(dataset, "someone/iu-xray-cdan")
+    assert sorted(uploaded) == [f"data/{split}-00000-of-00001.parquet" for split in ("test", "train", "validation")]
+    assert_parquet_holds_dataset({path[5:].split("-")[0]: [data] for path, data in uploaded.items()}, dataset)
 
 
 def test_push_to_hub_uploads_parquet_with_embedded_images(monkeypatch, r2gen_dataset):
@@ -769,3 +881,15 @@ def test_demo_images_are_pngs_in_the_prepared_folder(demo_builder, demo_dataset)
     images = demo_dataset["validation"][0]["images"]
     assert [(image.format, image.mode, image.size) for image in images] == [("PNG", "L", (256, 256))] * 2
     assert demo_dataset["validation"][0]["views"] == ["frontal", "lateral"]
+
+
+def test_a_misspelt_builder_option_is_named_with_the_close_matches(tmp_path):
+    with pytest.raises(TypeError, match="no option 'on_missing_images'.*'on_missing_image'"):
+        get_cdan_builder("iu_xray", data_dir=tmp_path, on_missing_images="skip")
+
+
+def test_a_cache_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    cache_file = tmp_path / "cache"
+    cache_file.write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        get_cdan_builder("demo", cache_dir=cache_file)

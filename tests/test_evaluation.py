@@ -1,6 +1,8 @@
 """NLG metrics against pycocoevalcap, clinical efficacy, and the reference points (CPU, offline)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,14 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
 from evaluation_cdan import (
+    MAX_SCORED_WORDS,
+    NLG_METRICS,
+    best_constant_report,
     compute_clinical_efficacy,
     compute_nlg_metrics,
     macro_f1,
     markdown_table,
+    meteor_score,
     most_frequent_report,
     precision_recall_f1,
     shuffled_image_predictions,
@@ -23,9 +29,12 @@ from labeler_cdan import CHEXPERT_OBSERVATIONS
 from processing_cdan import clean_report_iu_xray
 
 
-ANNOTATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "iu_xray" / "annotation.json"
+REPOSITORY = Path(__file__).resolve().parents[1]
+ANNOTATION = REPOSITORY.parent / "shared" / "data" / "iu_xray" / "annotation.json"
 # The training report with the highest R2Gen-validation BLEU-4 (found by `best_constant_report` over all 2,069
-# training reports; that search takes about 90 s, so this test scores the report it found).
+# training reports; that search takes about 90 s, so `test_best_constant_report_scores_the_published_reference_point`
+# scores the report it found, and `test_best_constant_report_returns_the_best_scoring_training_report` runs the search
+# on a real subset).
 BEST_CONSTANT_REPORT = (
     "the lungs are clear . there is no focal airspace consolidation . no pleural effusion or pneumothorax . heart "
     "size and mediastinal contour are within normal limits . there are degenerative changes of the spine ."
@@ -33,16 +42,30 @@ BEST_CONSTANT_REPORT = (
 
 
 @pytest.fixture(scope="module")
-def iu_test_references() -> list[str]:
-    return [clean_report_iu_xray(entry["report"]) for entry in json.loads(ANNOTATION.read_text())["test"]]
+def iu_reports() -> dict[str, list[str]]:
+    splits = json.loads(ANNOTATION.read_text())
+    return {split: [clean_report_iu_xray(entry["report"]) for entry in entries] for split, entries in splits.items()}
+
+
+@pytest.fixture(scope="module")
+def iu_test_references(iu_reports) -> list[str]:
+    return iu_reports["test"]
+
+
+def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter from the repository root; a hang ends as a failed test, not a stuck run."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def test_nlg_metrics_equal_pycocoevalcap_on_identical_inputs(iu_test_references):
     references = iu_test_references[:40]
     predictions = iu_test_references[40:80]
     scores = compute_nlg_metrics(references, predictions)
-    gts = {index: [text] for index, text in enumerate(references)}
-    res = {index: [text] for index, text in enumerate(predictions)}
+    # The metrics score texts with whitespace collapsed (one cleaned test reference ends ".  .").
+    gts = {index: [" ".join(text.split())] for index, text in enumerate(references)}
+    res = {index: [" ".join(text.split())] for index, text in enumerate(predictions)}
     bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
     assert [scores[f"BLEU-{n}"] for n in range(1, 5)] == bleu
     assert scores["METEOR"] == Meteor().compute_score(gts, res)[0]
@@ -54,6 +77,18 @@ def test_best_constant_report_scores_the_published_reference_point(iu_test_refer
     scores = compute_nlg_metrics(iu_test_references, [BEST_CONSTANT_REPORT] * len(iu_test_references))
     measured = [round(scores[name], 3) for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L")]
     assert measured == [0.503, 0.341, 0.242, 0.174, 0.227, 0.363]
+
+
+def test_best_constant_report_returns_the_best_scoring_training_report(iu_reports):
+    candidates, validation = iu_reports["train"][:25], iu_reports["val"][:40]
+    report, bleu4 = best_constant_report(candidates, validation)
+    scored = [
+        compute_nlg_metrics(validation, [candidate] * len(validation), with_meteor=False)["BLEU-4"]
+        for candidate in candidates
+    ]
+    best = scored.index(max(scored))
+    assert best > 0  # the subset is informative: the first candidate is not the answer
+    assert (report, bleu4) == (candidates[best], scored[best])
 
 
 def test_most_frequent_report_is_the_modal_training_report():
@@ -121,3 +156,97 @@ def test_markdown_table_lists_published_rows_first():
     assert rows[0].startswith("| method | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L |")
     assert rows[2].startswith("| CDAN (paper) (published) | 0.472 |")
     assert rows[3].startswith("| run |")
+
+
+def test_line_breaks_inside_reports_are_scored_as_spaces_without_hanging():
+    code = (
+        "import json; from evaluation_cdan import compute_nlg_metrics as score\n"
+        "broken = score(['the heart is normal .\\nno effusion .'], ['the heart\\n\\tis  normal .'])\n"
+        "spaced = score(['the heart is normal . no effusion .'], ['the heart is normal .'])\n"
+        "print(json.dumps([broken, spaced]))"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    broken, spaced = json.loads(result.stdout)
+    assert broken == spaced and set(broken) == set(NLG_METRICS)
+
+
+def test_meteor_process_that_never_answers_is_killed_with_a_clear_error():
+    code = (
+        "import sys; from evaluation_cdan import meteor_score\n"
+        "silent = [sys.executable, '-c', 'import time; time.sleep(3600)']\n"
+        "try:\n"
+        "    meteor_score(['a b'], ['a b'], timeout_s=2, command=silent)\n"
+        "except RuntimeError as error:\n"
+        "    print(error)"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "METEOR gave no statistics for study 0 within 2 s; its Java process was killed." in result.stdout
+
+
+def test_meteor_error_answer_raises_instead_of_being_read_as_a_score():
+    answers_an_error = [sys.executable, "-c", "print('Error: specify SCORE or EVAL or SING', flush=True); input()"]
+    with pytest.raises(RuntimeError, match="METEOR answered 'Error: specify SCORE or EVAL or SING' instead of"):
+        meteor_score(["a b"], ["a b"], command=answers_an_error)
+
+
+def test_long_texts_are_cut_to_the_scored_word_limit_with_a_warning():
+    words = [f"word{index % 50}" for index in range(5 * MAX_SCORED_WORDS)]
+    long_reference, long_prediction = " ".join(words), " ".join(reversed(words))
+    with pytest.warns(UserWarning, match=f"2 of 2 texts to score are longer than {MAX_SCORED_WORDS} words"):
+        scores = compute_nlg_metrics([long_reference], [long_prediction], with_meteor=False)
+    cut_reference = " ".join(long_reference.split()[:MAX_SCORED_WORDS])
+    cut_prediction = " ".join(long_prediction.split()[:MAX_SCORED_WORDS])
+    assert scores == compute_nlg_metrics([cut_reference], [cut_prediction], with_meteor=False)
+
+
+def test_empty_reference_is_an_error():
+    with pytest.raises(ValueError, match=r"references\[1\] is empty: a reference report must say something"):
+        compute_nlg_metrics(["mild cardiomegaly .", " \n"], ["mild cardiomegaly .", ""], with_meteor=False)
+
+
+def test_empty_prediction_scores_zero_on_every_nlg_metric():
+    scores = compute_nlg_metrics(["the heart is normal . no pleural effusion ."], [""])
+    assert scores == dict.fromkeys(NLG_METRICS, 0.0)
+
+
+def test_empty_prediction_has_no_positive_label():
+    scores = compute_clinical_efficacy(["the lungs are clear ."], [""])
+    assert scores["CE F1 No Finding"] == scores["CE micro-R"] == scores["CE example-F1"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: compute_nlg_metrics("abc", "abd"), TypeError, "references must be a list of reports"),
+        (lambda: compute_nlg_metrics(["a b ."], [None]), TypeError, r"predictions\[0\] must be a report as a str"),
+        (lambda: compute_clinical_efficacy(["a ."], "a ."), TypeError, "predictions must be a list of reports"),
+        (lambda: compute_clinical_efficacy({"s1": "a ."}, ["a ."]), TypeError, "references must be a list of reports"),
+        (lambda: compute_clinical_efficacy([], []), ValueError, "references is empty"),
+        (lambda: compute_nlg_metrics(["a ."], ["a .", "b ."]), ValueError, "1 references but 2 predictions"),
+        (lambda: most_frequent_report([]), ValueError, "train_reports is empty"),
+        (lambda: best_constant_report([], ["a b ."]), ValueError, "train_reports is empty"),
+        (lambda: best_constant_report(["a b ."], []), ValueError, "validation_references is empty"),
+    ],
+)
+def test_bad_evaluation_input_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_ce_macro_f1_counts_absent_observations_as_zero_and_the_observed_variant_does_not():
+    # Identical reports with three observations present: Cardiomegaly, Pleural Effusion, No Finding.
+    reports = ["mild cardiomegaly .", "small left pleural effusion .", "the lungs are clear ."]
+    scores = compute_clinical_efficacy(reports, reports)
+    assert scores["CE macro-F1"] == 3 / len(CHEXPERT_OBSERVATIONS)
+    assert scores["CE macro-F1 (observed)"] == 1.0
+
+
+def test_example_based_scores_count_a_study_without_positives_on_either_side_as_perfect():
+    # Study 1: only an uncertain finding, so no positive label in either report (P = R = F1 = 1 by convention);
+    # study 2: the prediction misses the reference's cardiomegaly and calls the study normal (P = R = F1 = 0).
+    references = ["possible pneumonia .", "mild cardiomegaly ."]
+    predictions = ["possible pneumonia .", "the lungs are clear ."]
+    scores = compute_clinical_efficacy(references, predictions)
+    assert scores["CE example-P"] == scores["CE example-R"] == scores["CE example-F1"] == 0.5

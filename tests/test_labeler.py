@@ -15,6 +15,7 @@ from evaluation_cdan import macro_f1, precision_recall_f1
 from labeler_cdan import (
     CHEXPERT_OBSERVATIONS,
     EVALUATION_OBSERVATIONS,
+    MAX_SENTENCE_WORDS,
     NEGATIVE,
     NOT_MENTIONED,
     POSITIVE,
@@ -225,6 +226,59 @@ def test_deidentification_token_stays_inside_the_negation_scope():
 def test_empty_report_is_not_mentioned_except_no_finding():
     expected = [POSITIVE if name == "No Finding" else NOT_MENTIONED for name in CHEXPERT_OBSERVATIONS]
     assert label_report("") == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "No pleural effusion. Possible small left pleural effusion.",
+        "Possible small left pleural effusion. No pleural effusion.",
+    ],
+)
+def test_uncertain_mention_outranks_a_negated_one(text):
+    assert state(text, "Pleural Effusion") == UNCERTAIN
+
+
+def test_full_width_text_labels_like_ascii():
+    full_width = "ＮＯ　ＰＮＥＵＭＯＴＨＯＲＡＸ．　ＭＩＬＤ　ＣＡＲＤＩＯＭＥＧＡＬＹ．"
+    assert label_report(full_width) == label_report("NO PNEUMOTHORAX. MILD CARDIOMEGALY.")
+
+
+def test_report_without_latin_letters_is_all_not_mentioned():
+    assert label_report("右侧少量胸腔积液。心影增大。") == [NOT_MENTIONED] * len(CHEXPERT_OBSERVATIONS)
+
+
+@pytest.mark.parametrize("text", [123, b"No pneumothorax.", None])
+def test_label_report_rejects_what_is_not_a_str(text):
+    with pytest.raises(TypeError, match="text must be a report as a str"):
+        label_report(text)
+
+
+@pytest.mark.parametrize("texts", ["No pneumothorax.", None, {"study 1": "No pneumothorax."}])
+def test_label_reports_rejects_what_is_not_a_collection_of_reports(texts):
+    with pytest.raises(TypeError, match="texts must be an iterable of reports"):
+        label_reports(texts)
+
+
+def test_label_reports_names_the_report_that_is_not_a_str():
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a report as a str, got NoneType"):
+        label_reports(["No pneumothorax.", None])
+
+
+def test_work_per_mention_is_bounded_in_a_long_unbroken_sentence(monkeypatch):
+    decide_state = CheXpertRuleLabeler._decide_state
+    cues_compared: list[int] = []
+
+    def counting_decide_state(text, start, end, sentence_cues, terminator_starts):
+        cues_compared.append(len(sentence_cues))
+        return decide_state(text, start, end, sentence_cues, terminator_starts)
+
+    monkeypatch.setattr(CheXpertRuleLabeler, "_decide_state", staticmethod(counting_decide_state))
+    repeats = 2000  # 6,000 words, no sentence end
+    with pytest.warns(UserWarning, match=f"longer than {MAX_SENTENCE_WORDS} words without a sentence end"):
+        CheXpertRuleLabeler()("no pleural effusion " * repeats)
+    assert len(cues_compared) == repeats
+    assert max(cues_compared) <= MAX_SENTENCE_WORDS
 
 
 def test_labeling_is_deterministic():

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
 
 import modeling_cdan
 from configuration_cdan import ABLATIONS, MODEL_SIZES, CdanConfig
@@ -110,17 +112,6 @@ def test_greedy_generation_equals_step_by_step_argmax():
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert len(set(generated[0].tolist())) > 2, "the test model should write varied tokens"
     assert torch.equal(generated, tokens)
-
-
-def test_greedy_generation_equals_one_beam_search():
-    model = tiny_model().eval()
-    pixel_values = study_batch()
-    greedy = model.generate(pixel_values=pixel_values, do_sample=False, num_beams=1, max_length=12)
-    one_beam = model.generate(
-        pixel_values=pixel_values, do_sample=False, num_beams=1, num_return_sequences=1, length_penalty=0.0,
-        max_length=12, early_stopping=False,
-    )
-    assert torch.equal(greedy, one_beam)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -408,6 +399,7 @@ def test_sdpa_and_eager_models_agree():
         (torch.randn(0, 2, 3, 64, 64), "empty batch"),
         (torch.randn(2, 3, 64, 64), "shape"),
         (None, "pixel_values"),
+        (torch.randn(2, 2, 3, 64, 64).index_put_((torch.tensor([1]),), torch.tensor(float("nan"))), r"studies \[1\]"),
     ],
 )
 def test_bad_pixel_values_raise_a_clear_error(pixel_values, message):
@@ -524,3 +516,166 @@ def test_paper_sized_configuration_is_within_half_a_percent_of_the_papers_parame
         paper_sized = CdanForConditionalGeneration(CdanConfig(**MODEL_SIZES["paper-82m"]))
     assert sum(parameter.numel() for parameter in default.parameters()) == 69_838_670
     assert abs(sum(parameter.numel() for parameter in paper_sized.parameters()) / 82.25e6 - 1) < 0.005
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Wiring of the reverse-attention module (Eq. 10-16): each stream reaches the right place
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reverse_attention_streams(model: CdanForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """Run the encoder once in eval mode and record u_p, u_n, u_pn, the discrepancy attention's inputs, the
+    classifier's input, u_k and u_s from forward hooks."""
+    reverse_attention = model.model.encoder.reverse_attention
+    recorded = {}
+
+    def keep(name):
+        return lambda module, inputs, output: recorded.__setitem__(name, output)
+
+    reverse_attention.positive_layer_norm.register_forward_hook(keep("u_p"))
+    reverse_attention.negative_layer_norm.register_forward_hook(keep("u_n"))
+    reverse_attention.discrepancy_layer_norm.register_forward_hook(keep("u_pn"))
+    reverse_attention.discrepancy_attention.register_forward_hook(
+        lambda module, inputs, output: recorded.__setitem__("discrepancy_inputs", inputs)
+    )
+    reverse_attention.disease_classifier.register_forward_hook(
+        lambda module, inputs, output: recorded.__setitem__("classifier_input", inputs[0])
+    )
+    reverse_attention.register_forward_hook(lambda module, inputs, output: recorded.__setitem__("u_s", output[0]))
+    model.model.encoder.layers[0].register_forward_pre_hook(
+        lambda module, inputs: recorded.__setitem__("encoder_input", inputs[0])
+    )
+    with torch.no_grad():
+        recorded["disease_logits"] = model.model.encoder(pixel_values=study_batch()).disease_logits
+    return recorded
+
+
+def test_discrepancy_attention_queries_u_p_against_u_n():
+    streams = reverse_attention_streams(tiny_model().eval())
+    queries, keys_and_values = streams["discrepancy_inputs"]
+    assert not torch.allclose(streams["u_p"], streams["u_n"])
+    torch.testing.assert_close(queries, streams["u_p"], rtol=0, atol=0)
+    torch.testing.assert_close(keys_and_values, streams["u_n"], rtol=0, atol=0)
+
+
+def test_disease_classifier_reads_the_pooled_discrepancy_u_pn():
+    streams = reverse_attention_streams(tiny_model().eval())
+    torch.testing.assert_close(streams["classifier_input"], streams["u_pn"].mean(dim=1), rtol=0, atol=0)
+
+
+def test_decoder_memory_u_s_stacks_u_p_u_n_and_the_disease_words():
+    model = tiny_model().eval()
+    streams = reverse_attention_streams(model)
+    num_patches = streams["u_p"].shape[1]
+    disease_words, _ = model.model.encoder.reverse_attention.select_disease_words(streams["disease_logits"])
+    u_s = streams["u_s"]
+    torch.testing.assert_close(u_s[:, :num_patches], streams["u_p"], rtol=0, atol=0)
+    torch.testing.assert_close(u_s[:, num_patches : 2 * num_patches], streams["u_n"], rtol=0, atol=0)
+    torch.testing.assert_close(u_s[:, 2 * num_patches :], disease_words, rtol=0, atol=0)
+
+
+def test_segment_embeddings_mark_the_three_streams_of_the_encoder_input():
+    model = tiny_model().eval()
+    streams = reverse_attention_streams(model)
+    u_s, num_patches = streams["u_s"], streams["u_p"].shape[1]
+    positions = modeling_cdan.sinusoidal_positions(u_s.shape[1], u_s.shape[2], u_s.device, u_s.dtype)
+    segments = model.model.encoder.segment_embeddings.weight
+    expected_segments = torch.cat([segments[0].expand(num_patches, -1), segments[1].expand(num_patches, -1),
+                                   segments[2].expand(u_s.shape[1] - 2 * num_patches, -1)])  # fmt: skip
+    torch.testing.assert_close(streams["encoder_input"] - u_s - positions, expected_segments.expand_as(u_s))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Beam search against references
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_equals_beam_search_with_one_beam(monkeypatch):
+    model = tiny_model().eval()
+    pixel_values = study_batch()
+    greedy = model.generate(pixel_values=pixel_values, num_beams=1, max_length=12, min_length=12)
+    # `generate()` maps num_beams=1 to greedy search; run its beam search with one beam instead
+    beam_search_mode = lambda self, assistant_model=None: GenerationMode.BEAM_SEARCH  # noqa: E731
+    monkeypatch.setattr(GenerationConfig, "get_generation_mode", beam_search_mode)
+    calls = []
+    beam_search = CdanForConditionalGeneration._beam_search
+    monkeypatch.setattr(
+        CdanForConditionalGeneration, "_beam_search", lambda *args, **kwargs: calls.append(1) or beam_search(*args, **kwargs)
+    )
+    one_beam = model.generate(pixel_values=pixel_values, num_beams=1, max_length=12, min_length=12)
+    assert calls == [1]
+    assert torch.equal(greedy, one_beam)
+
+
+def reference_beam_search(model, pixel_values: torch.Tensor, num_beams: int, length: int) -> torch.Tensor:
+    """
+    Beam search by hand: at each step keep the `num_beams` highest sums of log-probabilities over every beam and word,
+    recomputing the whole prefix (no cache); <eos> is banned, so every hypothesis has `length` tokens.
+    """
+    best = []
+    for study in range(pixel_values.shape[0]):
+        with torch.no_grad():
+            memory = model.get_encoder()(pixel_values=pixel_values[study : study + 1])
+            tokens = torch.tensor([[model.config.decoder_start_token_id]])
+            scores = torch.zeros(1)
+            for _ in range(length - 1):
+                logits = model(encoder_outputs=memory, decoder_input_ids=tokens, use_cache=False).logits[:, -1]
+                log_probs = logits.log_softmax(dim=-1)
+                log_probs[:, model.config.eos_token_id] = float("-inf")
+                candidate_scores = (scores[:, None] + log_probs).flatten()  # (beams * vocab,)
+                scores, flat_indices = candidate_scores.topk(num_beams)
+                beam_indices, words = flat_indices // log_probs.shape[1], flat_indices % log_probs.shape[1]
+                tokens = torch.cat([tokens[beam_indices], words[:, None]], dim=1)
+        best.append(tokens[0])
+    return torch.stack(best)
+
+
+def test_beam_search_of_three_finds_the_reference_beam_search_hypothesis():
+    model = tiny_model().eval()
+    pixel_values = study_batch(batch_size=3)
+    generated = model.generate(pixel_values=pixel_values, num_beams=3, max_length=10, min_length=10)
+    greedy = model.generate(pixel_values=pixel_values, num_beams=1, max_length=10, min_length=10)
+    assert not torch.equal(generated, greedy), "choose a model where beam search and greedy search differ"
+    assert torch.equal(generated, reference_beam_search(model, pixel_values, num_beams=3, length=10))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation arguments checked before decoding
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_beams", [0, -1, 2.5])
+def test_generate_rejects_a_num_beams_that_is_not_a_positive_integer(num_beams):
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match=rf"`num_beams` must be a positive integer, got {num_beams}"):
+        model.generate(pixel_values=study_batch(), num_beams=num_beams)
+
+
+def test_generate_rejects_zero_return_sequences():
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="`num_return_sequences` must be a positive integer, got 0"):
+        model.generate(pixel_values=study_batch(), num_return_sequences=0)
+
+
+@pytest.mark.parametrize(
+    "lengths, named",
+    [
+        (dict(max_length=66), r"`max_length`=66 \(66 tokens\)"),
+        (dict(max_new_tokens=65), r"`max_new_tokens`=65 \(66 tokens\)"),
+        (dict(min_length=100, max_length=20), r"`min_length`=100 \(100 tokens\)"),
+        (dict(min_new_tokens=65, max_new_tokens=10), r"`min_new_tokens`=65 \(66 tokens\)"),
+    ],
+)
+def test_generate_rejects_lengths_beyond_the_decoder_positions_before_decoding(lengths, named):
+    model = tiny_model().eval()  # max_position_embeddings=64: reports of at most 65 tokens, start token included
+    decoder_calls = []
+    model.get_decoder().register_forward_pre_hook(lambda module, args: decoder_calls.append(1))
+    with pytest.raises(ValueError, match=rf"{named} would need more decoder positions.*`max_position_embeddings`=64"):
+        model.generate(pixel_values=study_batch(), num_beams=2, **lengths)
+    assert decoder_calls == []
+
+
+def test_generate_still_writes_reports_of_the_longest_length_the_positions_allow():
+    model = tiny_model().eval()
+    generated = model.generate(pixel_values=study_batch(), num_beams=2, max_length=65, min_length=65)
+    assert generated.shape == (2, 65)

@@ -234,3 +234,25 @@ def test_pipeline_rejects_a_study_with_too_many_views(checkpoint):
     image = Image.open(FRONTAL)
     with pytest.raises(ValueError, match="view"):
         reporter((image, image, image))
+
+
+def test_pipeline_refuses_a_degenerate_image_when_asked(checkpoint):
+    _, model, processor = checkpoint
+    reporter = CdanReportPipeline(model=model, processor=processor, on_degenerate_image="error")
+    with pytest.raises(ValueError, match=r"\(a PIL image \(L, 1x1\)\) cannot be a chest X-ray"):
+        reporter(Image.new("L", (1, 1)))
+
+
+def test_pipeline_call_can_ask_to_refuse_a_degenerate_image(checkpoint):
+    _, model, processor = checkpoint
+    reporter = CdanReportPipeline(model=model, processor=processor)
+    with pytest.raises(ValueError, match="all its pixels have the same value"):
+        reporter(Image.new("L", (96, 96), 128), on_degenerate_image="error")
+
+
+@pytest.mark.parametrize("num_beams", [0, -1])
+def test_pipeline_rejects_a_non_positive_num_beams_before_generating(checkpoint, num_beams):
+    _, model, processor = checkpoint
+    reporter = CdanReportPipeline(model=model, processor=processor)
+    with pytest.raises(ValueError, match=f"`num_beams` must be a positive integer, got {num_beams}"):
+        reporter(str(FRONTAL), num_beams=num_beams)

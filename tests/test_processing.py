@@ -525,3 +525,94 @@ def test_a_dataset_column_of_studies_is_accepted():
     from_column = pixel_values(column, num_views=2)
     from_list = pixel_values([[str(GREY_PNG), str(JPEG)], [str(JPEG), str(GREY_PNG)]], num_views=2)
     assert torch.equal(from_column, from_list)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad image inputs: clear errors, and warnings for images that cannot be a chest X-ray
+# ---------------------------------------------------------------------------------------------------------------------
+
+DICOM_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"  # the SIIM pneumothorax example
+DICOM_FILE = SHARED_IMAGES / "torchxrayvision_test_images" / DICOM_NAME
+NOISE = np.random.default_rng(0).integers(0, 256, size=(200, 5000), dtype=np.uint8)
+DEGENERATE_IMAGES = {
+    "1x1": (NOISE[:1, :1], "smaller than 32 px"),
+    "1x5000": (NOISE[:1], "aspect ratio"),
+    "40x200": (NOISE[:40, :200], "aspect ratio"),
+    "constant": (np.full((96, 96), 128, dtype=np.uint8), "same value"),
+    "boolean": (NOISE[:96, :96] > 127, "two pixel values"),
+}
+
+
+@pytest.mark.parametrize("load_first", [False, True])
+def test_a_closed_pil_image_is_a_clear_error(load_first):
+    image = Image.open(GREY_PNG)
+    if load_first:
+        image.load()
+    image.close()
+    with pytest.raises(ValueError, match=r"PIL image \(L, 512x512\) cannot be read: it was closed"):
+        load_image(image)
+
+
+def test_a_directory_path_is_called_a_directory():
+    with pytest.raises(ValueError, match=f"{SHARED_IMAGES.name} is a directory"):
+        load_image(str(SHARED_IMAGES))
+
+
+def test_an_empty_path_is_called_empty():
+    with pytest.raises(ValueError, match="The image path is empty"):
+        load_image("")
+
+
+def test_a_url_is_named_whole_and_not_fetched():
+    with pytest.raises(ValueError, match="https://example.org/cxr/frontal.png is a URL, and URLs are not fetched"):
+        load_image("https://example.org/cxr/frontal.png")
+
+
+def test_a_dicom_file_is_named_as_dicom_with_a_way_to_convert_it():
+    with pytest.raises(ValueError, match=rf"{DICOM_FILE.name} is a DICOM file.*pydicom"):
+        load_image(DICOM_FILE)
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE_IMAGES))
+def test_an_image_that_cannot_be_a_chest_film_warns_with_its_reason(name):
+    image, reason = DEGENERATE_IMAGES[name]
+    with pytest.warns(UserWarning, match=rf"study 0, view 0 \(an array of shape .*cannot be a chest X-ray.*{reason}"):
+        values = pixel_values(image, num_views=1)
+    assert values.shape == (1, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE_IMAGES))
+def test_on_degenerate_image_error_refuses_an_image_that_cannot_be_a_chest_film(name):
+    image, reason = DEGENERATE_IMAGES[name]
+    with pytest.raises(ValueError, match=f"cannot be a chest X-ray.*{reason}"):
+        pixel_values(image, num_views=1, on_degenerate_image="error")
+
+
+def test_degenerate_image_error_can_be_asked_per_call_of_the_processor(processor):
+    with pytest.raises(ValueError, match="cannot be a chest X-ray"):
+        processor(images=[np.zeros((64, 64), dtype=np.uint8)], on_degenerate_image="error")
+
+
+def test_real_chest_x_rays_and_synthetic_studies_are_not_called_degenerate():
+    from data_cdan.synthetic_cxr import render_study
+
+    real = [GREY_PNG, SECOND_GREY_PNG, JPEG, HANNOVER_PNG, *sorted((HANNOVER_PNG.parent).glob("*.png"))[:12]]
+    synthetic = [view for seed in range(4) for view in render_study([seed % 2] * 14, seed=seed)]
+    image_processor = CdanImageProcessor(image_size=IMAGE_SIZE, num_views=1, on_degenerate_image="error")
+    values = image_processor([*map(str, real), *synthetic])["pixel_values"]
+    assert values.shape[0] == len(real) + len(synthetic)
+
+
+def test_on_degenerate_image_is_saved_with_the_image_processor(tmp_path):
+    CdanImageProcessor(on_degenerate_image="error").save_pretrained(tmp_path)
+    assert CdanImageProcessor.from_pretrained(tmp_path).on_degenerate_image == "error"
+
+
+def test_an_unknown_on_degenerate_image_is_rejected():
+    with pytest.raises(ValueError, match=r"`on_degenerate_image` must be one of \['warn', 'error'\], got 'ignore'"):
+        CdanImageProcessor(on_degenerate_image="ignore")
+
+
+def test_text_that_is_not_a_report_or_a_list_of_reports_is_a_clear_error(processor):
+    with pytest.raises(TypeError, match="`text` must be a report string or a list of report strings, got int"):
+        processor(text=123)

@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import EvalPrediction, TrainerCallback
 
+import evaluation_cdan
 from labeler_cdan import label_report
 from modeling_cdan import CdanForConditionalGeneration
 from processing_cdan import CdanProcessor
@@ -493,3 +496,126 @@ def test_text_encoder_of_another_width_than_the_checkpoint_is_rejected(r2gen_fix
     monkeypatch.setattr(train, "ReportEmbedder", FixedWidthEmbedder)
     with pytest.raises(ValueError, match="width 48.*24 dimensions"):
         run_main_for_one_step(r2gen_fixture, tmp_path / "run", "dropout=0.0", "--model_name_or_path", str(checkpoint))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation metric, evaluation order and the optimiser recipe
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_validation_metrics_equal_the_final_evaluation_of_the_same_reports(tmp_path, monkeypatch):
+    training_reports = ["The heart is normal in size. The lungs are clear."] * 3 + ["No pleural effusion."] * 3
+    validation_reports = [
+        "The heart is normal in size. There is a large right pleural effusion.",  # truncated by max_length=8
+        "Mild cardiomegaly. The lungs are clear.",  # "mild" and "cardiomegaly" are not in the vocabulary
+        "The lungs are clear. No pleural effusion.",
+    ]
+    dataset_dict = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"id": [f"t{i}" for i in range(6)], "findings": training_reports}),
+            "validation": datasets.Dataset.from_dict({"id": ["v0", "v1", "v2"], "findings": validation_reports}),
+        }
+    )
+    processor = CdanProcessor.from_reports(training_reports, threshold=2, max_length=8)
+    generated = ["there is a pleural effusion .", "the heart is normal in size .", "the lungs are clear ."]
+    token_ids = processor.tokenize_reports(generated, max_length=20)
+    width = max(len(ids) for ids in token_ids) + 2  # padded as the Trainer pads generated ids across batches
+    predictions = np.full((len(token_ids), width), -100, dtype=np.int64)
+    for row, ids in enumerate(token_ids):
+        predictions[row, : len(ids)] = ids
+    labels = processor(text=validation_reports, return_tensors="np")["labels"]
+
+    validation = train.build_compute_metrics(processor, dataset_dict["validation"])(
+        EvalPrediction(predictions=predictions, label_ids=labels)
+    )
+    generated_texts = processor.batch_decode(predictions)
+    monkeypatch.setattr(evaluation_cdan, "generate_reports", lambda *args, **kwargs: generated_texts)
+    final = evaluation_cdan.evaluate_split(
+        None, processor, dataset_dict, tmp_path / "evaluation", split="validation", with_meteor=False
+    )["CDAN (this run)"]
+    assert validation == final
+
+
+def test_validation_metrics_refuse_predictions_for_another_number_of_studies():
+    reports = ["The lungs are clear.", "No pleural effusion.", "The heart is normal."]
+    processor = CdanProcessor.from_reports(reports, threshold=1)
+    compute_metrics = train.build_compute_metrics(processor, datasets.Dataset.from_dict({"findings": reports}))
+    predictions = np.array(processor.tokenize_reports(reports[:2], max_length=3))
+    with pytest.raises(ValueError, match="2 generated reports for an evaluation set of 3 studies"):
+        compute_metrics(EvalPrediction(predictions=predictions, label_ids=predictions))
+
+
+def test_evaluation_reads_studies_in_dataset_order_when_training_groups_by_length(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts
+    dataset = dataset.add_column("length", list(range(len(dataset))))
+    trainer = tiny_trainer(
+        dataset, processor, tmp_path, train_sampling_strategy="group_by_length", per_device_eval_batch_size=2
+    )
+    batches = trainer.get_eval_dataloader(dataset)
+    read = [report for batch in batches for report in processor.batch_decode(batch["labels"])]
+    assert read == processor.batch_decode(processor(text=dataset["findings"])["labels"])
+
+
+class RecordingTrainer(CdanTrainer):
+    """`CdanTrainer` that keeps a reference to each instance, to look at what `main()` built."""
+
+    instances = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordingTrainer.instances.append(self)
+
+
+def test_main_gives_uncertain_label_as_to_the_training_collator(r2gen_fixture, tmp_path, monkeypatch):
+    RecordingTrainer.instances = []
+    monkeypatch.setattr(train, "CdanTrainer", RecordingTrainer)
+    run_main_for_one_step(
+        r2gen_fixture, tmp_path / "run", "use_semantic_consistency=False", "--uncertain_label_as", "0"
+    )
+    [trainer] = RecordingTrainer.instances
+    row = {**trainer.train_dataset[0], "chexpert_labels": [-1] * 14}  # every observation UNCERTAIN
+    targets = trainer.data_collator([row])["disease_labels"]
+    assert targets.tolist() == [[0.0] * targets.shape[1]]
+
+
+def main_and_extractor_learning_rates(optimizer, model) -> tuple[float, float]:
+    """The learning rates of the parameter group of the visual extractor and of the group of the other parameters."""
+    extractor_ids = {id(parameter) for parameter in model.model.encoder.visual_extractor.parameters()}
+    rates = {}
+    for group in optimizer.param_groups:
+        kinds = {id(parameter) in extractor_ids for parameter in group["params"]}
+        assert len(kinds) == 1, "a parameter group mixes the visual extractor with other parameters"
+        rates[kinds.pop()] = group["lr"]
+    return rates[False], rates[True]
+
+
+def test_visual_extractor_trains_with_its_own_learning_rate(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts
+    trainer = tiny_trainer(
+        dataset, processor, tmp_path, r2gen_adam=True, learning_rate=1e-3, visual_extractor_learning_rate=2e-5
+    )
+    optimizer = trainer.create_optimizer()
+    assert main_and_extractor_learning_rates(optimizer, trainer.model) == (1e-3, 2e-5)
+
+
+class LearningRateRecorder(TrainerCallback):
+    """Records (main, visual extractor) learning rates at the start of each optimizer step."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.rates.append(main_and_extractor_learning_rates(optimizer, model))
+
+
+def test_step_decay_multiplies_both_learning_rates_once_per_epoch(tiny_training_parts, tmp_path):
+    dataset, processor = tiny_training_parts  # 8 studies in batches of 4: 2 optimizer steps per epoch
+    trainer = tiny_trainer(
+        dataset, processor, tmp_path, r2gen_adam=True, max_steps=-1, num_train_epochs=3, learning_rate=1e-3,
+        visual_extractor_learning_rate=1e-4, lr_decay_epochs=1, lr_decay_gamma=0.5,
+    )  # fmt: skip
+    recorder = LearningRateRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    expected = [rate * 0.5**epoch for epoch in (0, 0, 1, 1, 2, 2) for rate in (1e-3, 1e-4)]
+    assert [rate for step_rates in recorder.rates for rate in step_rates] == pytest.approx(expected, rel=1e-9)
