@@ -7,6 +7,8 @@ module, the CDAN encoder and the report decoder are described by flat fields, an
 maximum length) live in `generation_config.json`, not here.
 """
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -36,6 +38,9 @@ ABLATIONS = {
     "+RA+SC": {"use_reverse_attention": True, "use_semantic_consistency": True},
 }
 """The rows of the paper's ablation table (Table 2), as configuration switches."""
+
+MLC_LOSSES = ("bce", "weighted_bce", "asymmetric")
+"""The choices of `CdanConfig.mlc_loss`, the multi-label classification loss L_mlc (Eq. 15)."""
 
 MODEL_SIZES = {
     "default": {},
@@ -128,6 +133,27 @@ class CdanConfig(PreTrainedConfig):
             Names of the classified observations, in logit order: the training collator takes the disease labels of
             these observations, in this order, from each study's 14 CheXpert states. Defaults to the first
             `num_observations` CheXpert observations.
+        mlc_loss (`str`, *optional*, defaults to `"bce"`):
+            The multi-label classification loss L_mlc (Eq. 15), averaged over the observations of each study:
+            - `"bce"`: binary cross-entropy with logits, as in the paper.
+            - `"weighted_bce"`: binary cross-entropy whose positive terms are multiplied by `mlc_positive_weights`,
+              so rare findings weigh as much as common ones.
+            - `"asymmetric"`: the asymmetric loss of Ridnik et al. (ICCV 2021), which focuses away from easy
+              negatives (`mlc_asymmetric_gamma_negative`, `mlc_asymmetric_clip`).
+        mlc_positive_weights (`list[float]`, *optional*):
+            One positive weight per observation, in `observation_names` order, for `mlc_loss="weighted_bce"`. When
+            `None`, `CdanTrainer` sets it from its training labels to `negatives / positives` per observation,
+            clipped to [1 / `mlc_max_positive_weight`, `mlc_max_positive_weight`]; it is saved with the checkpoint.
+        mlc_max_positive_weight (`float`, *optional*, defaults to 50.0):
+            Largest positive weight computed from the training labels (its inverse is the smallest), so an
+            observation with very few (or no) positives does not dominate L_mlc.
+        mlc_asymmetric_gamma_positive (`float`, *optional*, defaults to 0.0):
+            Focusing exponent of the positive terms of the asymmetric loss (`gamma+`; 0 keeps plain cross-entropy).
+        mlc_asymmetric_gamma_negative (`float`, *optional*, defaults to 4.0):
+            Focusing exponent of the negative terms of the asymmetric loss (`gamma-`).
+        mlc_asymmetric_clip (`float`, *optional*, defaults to 0.05):
+            Probability margin `m` of the asymmetric loss: negatives use the shifted probability `max(p - m, 0)`, so
+            negatives predicted below `m` add no loss.
 
     Example:
 
@@ -178,6 +204,12 @@ class CdanConfig(PreTrainedConfig):
     scale_embedding: bool = True
     init_std: float = 0.02
     observation_names: list[str] | None = None
+    mlc_loss: str = "bce"
+    mlc_positive_weights: list[float] | None = None
+    mlc_max_positive_weight: float | int = 50.0
+    mlc_asymmetric_gamma_positive: float | int = 0.0
+    mlc_asymmetric_gamma_negative: float | int = 4.0
+    mlc_asymmetric_clip: float | int = 0.05
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -213,6 +245,29 @@ class CdanConfig(PreTrainedConfig):
                 f"`observation_names` has {len(self.observation_names)} names but `num_observations` is "
                 f"{self.num_observations}."
             )
+        self.validate_mlc_loss()
+
+    def validate_mlc_loss(self):
+        """Check the fields of the multi-label classification loss (L_mlc, Eq. 15)."""
+        if self.mlc_loss not in MLC_LOSSES:
+            raise ValueError(f"`mlc_loss` must be one of {list(MLC_LOSSES)}, got {self.mlc_loss!r}.")
+        if self.mlc_positive_weights is not None:
+            if len(self.mlc_positive_weights) != self.num_observations:
+                raise ValueError(
+                    f"`mlc_positive_weights` has {len(self.mlc_positive_weights)} weights but `num_observations` is "
+                    f"{self.num_observations}."
+                )
+            if not all(math.isfinite(weight) and weight > 0 for weight in self.mlc_positive_weights):
+                raise ValueError(
+                    f"`mlc_positive_weights` must be finite and positive, got {self.mlc_positive_weights}."
+                )
+        if not (math.isfinite(self.mlc_max_positive_weight) and self.mlc_max_positive_weight >= 1):
+            raise ValueError(f"`mlc_max_positive_weight` must be at least 1, got {self.mlc_max_positive_weight}.")
+        for name in ("mlc_asymmetric_gamma_positive", "mlc_asymmetric_gamma_negative"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"`{name}` must be a non-negative number, got {getattr(self, name)}.")
+        if not 0 <= self.mlc_asymmetric_clip < 1:
+            raise ValueError(f"`mlc_asymmetric_clip` must lie in [0, 1), got {self.mlc_asymmetric_clip}.")
 
     @classmethod
     def from_ablation(cls, name: str, **kwargs) -> "CdanConfig":
@@ -233,4 +288,4 @@ class CdanConfig(PreTrainedConfig):
 
 CdanConfig.register_for_auto_class()
 
-__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "MODEL_SIZES", "CdanConfig"]
+__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "MLC_LOSSES", "MODEL_SIZES", "CdanConfig"]

@@ -270,6 +270,16 @@ class CdanTrainingArguments(Seq2SeqTrainingArguments):
     r2gen_adam: bool = field(
         default=True, metadata={"help": "Adam with AMSGrad and L2 weight decay as in R2Gen, instead of --optim."}
     )
+    no_repeat_ngram_size: int | None = field(
+        default=None,
+        metadata={"help": "Never generate an n-gram of this size twice in a report (validation, test and the saved "
+                  "generation_config.json); R2Gen's block_trigrams is 3. Off by default, as in the presets."},
+    )  # fmt: skip
+    length_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Beam search ranks finished reports by log-probability / length ** length_penalty: higher "
+                  "values favour longer reports. Default: the model's (1.0)."},
+    )  # fmt: skip
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CdanTrainingArguments]:
@@ -288,7 +298,19 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.max_length
+    if training_args.no_repeat_ngram_size is not None and training_args.no_repeat_ngram_size < 0:
+        raise ValueError(f"--no_repeat_ngram_size must be 0 (off) or more, got {training_args.no_repeat_ngram_size}.")
     return model_args, data_args, training_args
+
+
+def apply_decoding_options(model: CdanForConditionalGeneration, training_args: CdanTrainingArguments) -> None:
+    """
+    Set `--no_repeat_ngram_size` and `--length_penalty` in `model.generation_config`, which validation during
+    training (`Seq2SeqTrainer`), the test evaluation and the saved `generation_config.json` all use. Options left at
+    `None` are not set, so the model decodes as before.
+    """
+    options = {name: getattr(training_args, name) for name in ("no_repeat_ngram_size", "length_penalty")}
+    model.generation_config.update(**{name: value for name, value in options.items() if value is not None})
 
 
 def build_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int) -> CdanConfig:
@@ -407,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         model = CdanForConditionalGeneration(config)
     model.generation_config.update(max_length=data_args.max_length, num_beams=training_args.generation_num_beams)
+    apply_decoding_options(model, training_args)
     register_pipeline_in_config(model.config)
     if model_args.visual_warmup_epochs > 0:
         warmup_metrics = warm_up_visual_extractor(
@@ -473,6 +496,7 @@ __all__ = [
     "CdanTrainingArguments",
     "DataArguments",
     "ModelArguments",
+    "apply_decoding_options",
     "build_compute_metrics",
     "build_config",
     "main",

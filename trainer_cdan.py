@@ -7,7 +7,9 @@ visual warm-up: the training machinery that `train.py` (the command line) puts t
 - L_mlc (Eq. 15): BCE-with-logits between the observation logits `u_c` and the studies' CheXpert labels. Label states
   map to targets as POSITIVE -> 1, NEGATIVE -> 0, NOT_MENTIONED -> 0, UNCERTAIN -> `uncertain_label_as` (default 1,
   the "U-Ones" policy of Irvin et al. 2019). Averaged over the observations, summed over studies and divided by the
-  number of studies in the accumulated batch.
+  number of studies in the accumulated batch. `CdanConfig.mlc_loss` can replace the BCE by a label-balanced loss for
+  rare findings: BCE with per-observation positive weights (`"weighted_bce"`, weights from the training labels) or
+  the asymmetric loss of Ridnik et al. (ICCV 2021, `"asymmetric"`); the normalisation is the same.
 - L_mse (Eq. 17-18): mean squared error between the model's `visual_semantics` and a frozen text encoder's
   mean-pooled embedding of the reference report (ClinicalBERT by default; any BERT-family local path works). The
   embeddings are computed once per report before training; the text encoder is never part of the model.
@@ -40,13 +42,13 @@ from transformers.trainer_utils import has_length
 
 
 try:
-    from .configuration_cdan import CHEXPERT_OBSERVATIONS
+    from .configuration_cdan import CHEXPERT_OBSERVATIONS, CdanConfig
     from .labeler_cdan import to_binary
     from .modeling_cdan import CdanForConditionalGeneration
     from .pipeline_cdan import write_pipeline_files
     from .processing_cdan import CdanProcessor
 except ImportError:
-    from configuration_cdan import CHEXPERT_OBSERVATIONS
+    from configuration_cdan import CHEXPERT_OBSERVATIONS, CdanConfig
     from labeler_cdan import to_binary
     from modeling_cdan import CdanForConditionalGeneration
     from pipeline_cdan import write_pipeline_files
@@ -120,6 +122,84 @@ class ReportEmbedder:
         return dataset.add_column("reference_embedding", [table[report].tolist() for report in reports])
 
 
+def binary_disease_targets(
+    chexpert_labels: Sequence[Sequence[int]], observation_indices: Sequence[int], uncertain_label_as: int
+) -> torch.Tensor:
+    """
+    The 0/1 targets of L_mlc: `(studies, observations)` float32, from each study's 14 CheXpert states, of the
+    observations at `observation_indices` (into `CHEXPERT_OBSERVATIONS`), UNCERTAIN mapped to `uncertain_label_as`.
+    """
+    targets = [to_binary(states, uncertain_label_as) for states in chexpert_labels]  # (B, 14)
+    return torch.tensor(targets, dtype=torch.float32)[:, list(observation_indices)]
+
+
+def positive_weights_from_labels(
+    chexpert_labels: Sequence[Sequence[int]],
+    observation_names: Sequence[str],
+    uncertain_label_as: int = 1,
+    max_weight: float = 50.0,
+) -> list[float]:
+    """
+    Per-observation positive weights of the weighted BCE: `negatives / positives` over the studies' targets, clipped
+    to [1 / max_weight, max_weight] (an observation without positives gets `max_weight`).
+
+    Args:
+        chexpert_labels (`Sequence[Sequence[int]]`): the 14 CheXpert states of each training study.
+        observation_names (`Sequence[str]`): the model's observations, in logit order.
+        uncertain_label_as (`int`): target of UNCERTAIN labels, as in the collator.
+        max_weight (`float`): the clip (`CdanConfig.mlc_max_positive_weight`).
+    """
+    observation_indices = [CHEXPERT_OBSERVATIONS.index(name) for name in observation_names]
+    targets = binary_disease_targets(chexpert_labels, observation_indices, uncertain_label_as).double()
+    positives = targets.sum(dim=0)
+    negatives = len(targets) - positives
+    return (negatives / positives).clamp(1.0 / max_weight, max_weight).tolist()
+
+
+def asymmetric_loss(
+    logits: torch.Tensor, targets: torch.Tensor, gamma_positive: float, gamma_negative: float, clip: float
+) -> torch.Tensor:
+    """
+    Element-wise asymmetric loss (Ridnik et al., "Asymmetric Loss For Multi-Label Classification", ICCV 2021):
+    ASL = -y L+ - (1 - y) L-, with asymmetric focusing and a probability margin on the negatives.
+    """
+    probability = torch.sigmoid(logits)
+    # Probability shifting: p_m = max(p - m, 0)
+    shifted_probability = (probability - clip).clamp(min=0)
+    # Asymmetric focusing: L+ = (1 - p)^gamma+ log(p)
+    positive_term = (1 - probability) ** gamma_positive * nn.functional.logsigmoid(logits)
+    # log(1 - p_m) = log(min(1 - p + m, 1)), from sigmoid(-z) so that it stays finite when p rounds to 1
+    log_shifted_complement = (
+        nn.functional.logsigmoid(-logits) if clip == 0 else torch.log((torch.sigmoid(-logits) + clip).clamp(max=1))
+    )
+    # L- = p_m^gamma- log(1 - p_m)
+    negative_term = shifted_probability**gamma_negative * log_shifted_complement
+    # ASL = -y L+ - (1 - y) L-
+    return -(targets * positive_term + (1 - targets) * negative_term)
+
+
+def multi_label_loss(logits: torch.Tensor, targets: torch.Tensor, config: CdanConfig) -> torch.Tensor:
+    """Eq. (15): each study's L_mlc, `(studies,)`, averaged over the observations; `config.mlc_loss` picks the loss."""
+    if config.mlc_loss == "weighted_bce":
+        if config.mlc_positive_weights is None:
+            raise ValueError(
+                '`mlc_loss="weighted_bce"` needs `config.mlc_positive_weights`; `CdanTrainer` computes them from a '
+                "training dataset with `chexpert_labels`, or set them in the configuration."
+            )
+        positive_weights = torch.tensor(config.mlc_positive_weights, dtype=logits.dtype, device=logits.device)
+        per_label = nn.functional.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=positive_weights, reduction="none"
+        )
+    elif config.mlc_loss == "asymmetric":
+        per_label = asymmetric_loss(
+            logits, targets, config.mlc_asymmetric_gamma_positive, config.mlc_asymmetric_gamma_negative,
+            config.mlc_asymmetric_clip,
+        )  # fmt: skip
+    else:
+        per_label = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return per_label.mean(dim=-1)
+
+
 @dataclass
 class CdanDataCollator:
     """
@@ -159,8 +239,9 @@ class CdanDataCollator:
             batch = dict(
                 self.processor(images=[row["images"] for row in rows], text=texts, do_augment=self.augment)
             )
-        targets = [to_binary(row["chexpert_labels"], self.uncertain_label_as) for row in rows]  # (B, 14)
-        batch["disease_labels"] = torch.tensor(targets, dtype=torch.float32)[:, self.observation_indices]
+        batch["disease_labels"] = binary_disease_targets(
+            [row["chexpert_labels"] for row in rows], self.observation_indices, self.uncertain_label_as
+        )
         if "reference_embedding" in rows[0] and self.include_reports:
             batch["reference_embeddings"] = torch.tensor([row["reference_embedding"] for row in rows])
         return batch
@@ -238,6 +319,28 @@ class CdanTrainer(Seq2SeqTrainer):
         self.num_studies_in_batch: int | None = None
         self.loss_term_sums: dict[str, float] = {}
         self.loss_term_count = 0
+        config = self.model.config
+        needs_positive_weights = config.mlc_loss == "weighted_bce" and config.mlc_positive_weights is None
+        if needs_positive_weights and self.train_dataset is not None:
+            self.set_mlc_positive_weights()
+
+    def set_mlc_positive_weights(self) -> None:
+        """Set `model.config.mlc_positive_weights` from the training labels, mapped as the collator maps them."""
+        if "chexpert_labels" not in (getattr(self.train_dataset, "column_names", None) or []):
+            raise ValueError(
+                '`mlc_loss="weighted_bce"` computes its positive weights from the training dataset\'s '
+                "`chexpert_labels` column, which it does not have; add the labels or set "
+                "`config.mlc_positive_weights`."
+            )
+        config = self.model.config
+        config.mlc_positive_weights = positive_weights_from_labels(
+            self.train_dataset["chexpert_labels"], config.observation_names,
+            uncertain_label_as=self.args.uncertain_label_as, max_weight=config.mlc_max_positive_weight,
+        )  # fmt: skip
+        weights = ", ".join(
+            f"{name}: {weight:.3g}" for name, weight in zip(config.observation_names, config.mlc_positive_weights)
+        )
+        logger.info(f"L_mlc positive weights from the training labels: {weights}")
 
     def get_eval_dataloader(self, eval_dataset=None):
         """Evaluation batches use the deterministic collator (no augmentation)."""
@@ -278,9 +381,9 @@ class CdanTrainer(Seq2SeqTrainer):
 
         mlc_loss = text_loss.new_zeros(())
         if outputs.disease_logits is not None and disease_labels is not None and self.args.lambda_mlc:
-            per_study = nn.functional.binary_cross_entropy_with_logits(
-                outputs.disease_logits.float(), disease_labels.to(outputs.disease_logits.device), reduction="none"
-            ).mean(dim=-1)  # (B,)
+            per_study = multi_label_loss(
+                outputs.disease_logits.float(), disease_labels.to(outputs.disease_logits.device), self.model.config
+            )  # (B,)
             mlc_loss = per_study.sum() / num_studies  # Eq. (15): L_mlc
         sc_loss = text_loss.new_zeros(())
         if outputs.visual_semantics is not None and reference_embeddings is not None and self.args.lambda_sc:
@@ -497,10 +600,14 @@ __all__ = [
     "LossTermsCallback",
     "ReportEmbedder",
     "VisualWarmupModel",
+    "asymmetric_loss",
+    "binary_disease_targets",
     "cache_visual_features",
     "mean_auroc",
+    "multi_label_loss",
     "offline_text_encoder_path",
     "plot_training_curves",
+    "positive_weights_from_labels",
     "warm_up_visual_extractor",
     "write_weight_checksum",
 ]

@@ -28,6 +28,16 @@ class EvaluationArguments:
     split: str = field(default="test", metadata={"help": "Split to evaluate."})
     num_beams: int = field(default=3, metadata={"help": "Beam size (the R2Gen family reports beam 3)."})
     max_length: int | None = field(default=None, metadata={"help": "Longest report; the checkpoint's by default."})
+    no_repeat_ngram_size: int | None = field(
+        default=None,
+        metadata={"help": "Never generate an n-gram of this size twice in a report (R2Gen's block_trigrams is 3); "
+                  "the checkpoint's by default."},
+    )  # fmt: skip
+    length_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Beam search ranks finished reports by log-probability / length ** length_penalty; the "
+                  "checkpoint's by default."},
+    )  # fmt: skip
     batch_size: int = field(default=16, metadata={"help": "Studies per generate() call."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N studies."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write; default <model>/eval_<split>."})
@@ -44,8 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_dict[args.split] = split.select(range(min(args.max_samples, len(split))))
     published = PUBLISHED_IU_XRAY if args.dataset_name == "iu_xray" else None
     generation_kwargs = {"num_beams": args.num_beams}
-    if args.max_length is not None:
-        generation_kwargs["max_length"] = args.max_length
+    for name in ("max_length", "no_repeat_ngram_size", "length_penalty"):  # unset: the checkpoint's generation_config
+        if getattr(args, name) is not None:
+            generation_kwargs[name] = getattr(args, name)
     output_dir = Path(args.output_dir or Path(args.model) / f"eval_{args.split}")
     results = evaluate_split(
         model, processor, dataset_dict, output_dir, split=args.split, batch_size=args.batch_size, seed=args.seed,

@@ -619,3 +619,12 @@ def test_step_decay_multiplies_both_learning_rates_once_per_epoch(tiny_training_
     trainer.train()
     expected = [rate * 0.5**epoch for epoch in (0, 0, 1, 1, 2, 2) for rate in (1e-3, 1e-4)]
     assert [rate for step_rates in recorder.rates for rate in step_rates] == pytest.approx(expected, rel=1e-9)
+
+
+def test_main_saves_the_decoding_options_in_generation_config(r2gen_fixture, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ReportEmbedder", FixedWidthEmbedder)
+    run_main_for_one_step(
+        r2gen_fixture, tmp_path / "run", "dropout=0.0", "--no_repeat_ngram_size", "3", "--length_penalty", "0.5"
+    )
+    saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert (saved["no_repeat_ngram_size"], saved["length_penalty"]) == (3, 0.5)
