@@ -154,6 +154,11 @@ class CdanConfig(PreTrainedConfig):
         mlc_asymmetric_clip (`float`, *optional*, defaults to 0.05):
             Probability margin `m` of the asymmetric loss: negatives use the shifted probability `max(p - m, 0)`, so
             negatives predicted below `m` add no loss.
+        observation_thresholds (`list[float]`, *optional*):
+            One decision threshold per observation, in `observation_names` order, on the logit scale: an observation
+            is reported positive when its logit exceeds its threshold. `train.py` calibrates them on the validation
+            split (the F1-optimal threshold of each observation) and saves them with the checkpoint. `None` means
+            0.0 for all (probability 0.5).
 
     Example:
 
@@ -210,6 +215,7 @@ class CdanConfig(PreTrainedConfig):
     mlc_asymmetric_gamma_positive: float | int = 0.0
     mlc_asymmetric_gamma_negative: float | int = 4.0
     mlc_asymmetric_clip: float | int = 0.05
+    observation_thresholds: list[float] | None = None
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -246,6 +252,19 @@ class CdanConfig(PreTrainedConfig):
                 f"{self.num_observations}."
             )
         self.validate_mlc_loss()
+        self.validate_observation_thresholds()
+
+    def validate_observation_thresholds(self):
+        """Check that `observation_thresholds`, when set, has one finite logit threshold per observation."""
+        if self.observation_thresholds is None:
+            return
+        if len(self.observation_thresholds) != self.num_observations:
+            raise ValueError(
+                f"`observation_thresholds` has {len(self.observation_thresholds)} thresholds but `num_observations` "
+                f"is {self.num_observations}."
+            )
+        if not all(math.isfinite(threshold) for threshold in self.observation_thresholds):
+            raise ValueError(f"`observation_thresholds` must be finite, got {self.observation_thresholds}.")
 
     def validate_mlc_loss(self):
         """Check the fields of the multi-label classification loss (L_mlc, Eq. 15)."""

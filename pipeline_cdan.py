@@ -57,6 +57,13 @@ class CdanReportPipeline(Pipeline):
     `on_degenerate_image` (`"warn"` or `"error"`), at construction or per call, overrides the image processor's
     handling of views that cannot be a chest X-ray (tiny, extreme aspect ratio, constant or binary pixels): by default
     they are processed with a `UserWarning`; with `"error"` they raise `ValueError`.
+
+    `return_labels=True`, at construction or per call, adds the structured CheXpert labels of the reverse-attention
+    classifier to each result: `{"generated_text": ..., "labels": {observation: "positive" | "negative"},
+    "probabilities": {observation: sigmoid(logit)}}`, an observation being positive when its logit exceeds its
+    `config.observation_thresholds` entry (0.0, i.e. probability 0.5, when unset). The image is encoded once for both
+    the labels and the report, which is the same as without `return_labels`. Models without reverse attention have
+    no classifier and raise `ValueError`.
     """
 
     _load_processor = True
@@ -66,10 +73,21 @@ class CdanReportPipeline(Pipeline):
     _pipeline_calls_generate = True
 
     def _sanitize_parameters(
-        self, generate_kwargs: dict | None = None, on_degenerate_image: str | None = None, **generation_parameters
+        self,
+        generate_kwargs: dict | None = None,
+        on_degenerate_image: str | None = None,
+        return_labels: bool | None = None,
+        **generation_parameters,
     ):
         preprocess_params = {} if on_degenerate_image is None else {"on_degenerate_image": on_degenerate_image}
         forward_params = {"generate_kwargs": {**(generate_kwargs or {}), **generation_parameters}}
+        if return_labels is not None:
+            if return_labels and not self.model.config.use_reverse_attention:
+                raise ValueError(
+                    "`return_labels=True` needs the reverse-attention disease classifier, and this model has none "
+                    "(`use_reverse_attention=False`)."
+                )
+            forward_params["return_labels"] = return_labels
         return preprocess_params, forward_params, {}
 
     def __call__(self, inputs: Any = None, **kwargs) -> list:
@@ -98,13 +116,34 @@ class CdanReportPipeline(Pipeline):
         )["pixel_values"]
         return {"pixel_values": pixel_values.to(self.dtype or torch.float32)}
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None) -> dict:
+    def _forward(
+        self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None, return_labels: bool = False
+    ) -> dict:
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
-        return {"generated_ids": self.model.generate(**model_inputs, **generate_kwargs)}
+        if not return_labels:
+            return {"generated_ids": self.model.generate(**model_inputs, **generate_kwargs)}
+        # Encode the image once: the disease logits come from the encoder, whose output `generate` then decodes
+        encoder_outputs = self.model.get_encoder()(**model_inputs)
+        generated_ids = self.model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
+        return {"generated_ids": generated_ids, "disease_logits": encoder_outputs.disease_logits}
 
-    def postprocess(self, model_outputs: dict) -> list[dict[str, str]]:
+    def postprocess(self, model_outputs: dict) -> list[dict]:
         reports = self.processor.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
-        return [{"generated_text": report} for report in reports]
+        results = [{"generated_text": report} for report in reports]
+        if "disease_logits" in model_outputs:
+            config = self.model.config
+            thresholds = torch.tensor(config.observation_thresholds or [0.0] * config.num_observations)
+            disease_logits = model_outputs["disease_logits"].float().cpu()
+            # One encoder row per study; with several returned sequences each study has several reports
+            sequences_per_study = len(results) // len(disease_logits)
+            for index, result in enumerate(results):
+                study_logits = disease_logits[index // sequences_per_study]
+                result["labels"] = {
+                    name: "positive" if is_positive else "negative"
+                    for name, is_positive in zip(config.observation_names, (study_logits > thresholds).tolist())
+                }
+                result["probabilities"] = dict(zip(config.observation_names, torch.sigmoid(study_logits).tolist()))
+        return results
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """

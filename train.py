@@ -68,6 +68,8 @@ try:
         LossTermsCallback,
         ReportEmbedder,
         cache_visual_features,
+        calibrate_observation_thresholds,
+        collect_disease_logits,
         warm_up_visual_extractor,
         write_weight_checksum,
     )
@@ -91,6 +93,8 @@ except ImportError:
         LossTermsCallback,
         ReportEmbedder,
         cache_visual_features,
+        calibrate_observation_thresholds,
+        collect_disease_logits,
         warm_up_visual_extractor,
         write_weight_checksum,
     )
@@ -379,6 +383,26 @@ def build_compute_metrics(
     return compute_metrics
 
 
+def set_observation_thresholds(
+    model: CdanForConditionalGeneration, validation: datasets.Dataset, data_collator: CdanDataCollator, batch_size: int
+) -> list[float] | None:
+    """
+    Calibrate `model.config.observation_thresholds` on the validation studies (the F1-optimal logit threshold of each
+    observation, see `calibrate_observation_thresholds`) and return them; `None`, and nothing changed, for a model
+    without the reverse-attention classifier or an empty validation split.
+    """
+    if not model.config.use_reverse_attention or len(validation) == 0:
+        return None
+    logits, targets = collect_disease_logits(model, validation, data_collator, batch_size)
+    model.config.observation_thresholds = calibrate_observation_thresholds(logits, targets)
+    thresholds = ", ".join(
+        f"{name}: {threshold:.3g}"
+        for name, threshold in zip(model.config.observation_names, model.config.observation_thresholds)
+    )
+    logger.info(f"Observation thresholds (logits) calibrated on {len(validation)} validation studies: {thresholds}")
+    return model.config.observation_thresholds
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -454,7 +478,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         processing_class=processor,
         compute_metrics=build_compute_metrics(processor, raw["validation"]),
         callbacks=[LossTermsCallback(training_args.output_dir)],
-        eval_data_collator=CdanDataCollator(processor, augment=False, observation_names=config.observation_names),
+        eval_data_collator=CdanDataCollator(
+            processor, augment=False, uncertain_label_as=training_args.uncertain_label_as,
+            observation_names=config.observation_names,
+        ),  # fmt: skip
     )
 
     resume = training_args.resume_from_checkpoint
@@ -469,6 +496,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not trainer.is_world_process_zero():
         return results
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if raw.get("validation") is not None:
+        set_observation_thresholds(
+            model, raw["validation"], trainer.eval_data_collator, training_args.per_device_eval_batch_size
+        )
     published = PUBLISHED_IU_XRAY if data_args.dataset_name == "iu_xray" else None
     if training_args.do_predict:
         results = evaluate_split(
@@ -502,4 +533,5 @@ __all__ = [
     "main",
     "match_semantic_dim",
     "parse_arguments",
+    "set_observation_thresholds",
 ]

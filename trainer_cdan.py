@@ -582,6 +582,65 @@ def cache_visual_features(model: CdanForConditionalGeneration, processor: CdanPr
     return dataset.map(extract, batched=True, batch_size=batch_size, desc="Caching visual-extractor features")
 
 
+def calibrate_observation_thresholds(logits: np.ndarray, targets: np.ndarray) -> list[float]:
+    """
+    Per-observation logit thresholds (`CdanConfig.observation_thresholds`) that maximise F1 on validation data: an
+    observation is positive when its logit exceeds its threshold.
+
+    The candidates of each observation are the midpoints between its sorted distinct logits, plus the default 0.0;
+    among equally good candidates the one closest to 0.0 wins. An observation without positive targets keeps 0.0.
+
+    Args:
+        logits (`np.ndarray`): `(studies, observations)` disease logits `u_c`.
+        targets (`np.ndarray`): `(studies, observations)` 0/1 targets, as the collator's `disease_labels`.
+    """
+    logits, targets = np.asarray(logits, dtype=np.float64), np.asarray(targets) > 0.5
+    if logits.ndim != 2 or logits.shape != targets.shape:
+        raise ValueError(
+            f"`logits` {logits.shape} and `targets` {targets.shape} must have the same (studies, observations) shape."
+        )
+    thresholds = []
+    for observation_logits, observation_targets in zip(logits.T, targets.T):
+        if not observation_targets.any():
+            thresholds.append(0.0)
+            continue
+        distinct = np.unique(observation_logits)
+        candidates = np.concatenate([[0.0], (distinct[:-1] + distinct[1:]) / 2])
+        predicted = observation_logits[None, :] > candidates[:, None]  # (candidates, studies)
+        true_positives = (predicted & observation_targets).sum(axis=1)
+        # F1 = 2 TP / (predicted positives + actual positives)
+        f1 = 2 * true_positives / (predicted.sum(axis=1) + observation_targets.sum())
+        best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
+        thresholds.append(float(candidates[best[np.argmin(np.abs(candidates[best]))]]))
+    return thresholds
+
+
+def collect_disease_logits(
+    model: CdanForConditionalGeneration, dataset, data_collator: CdanDataCollator, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """
+    The model's disease logits `u_c` and the collator's `disease_labels` on a dataset, both `(studies, observations)`,
+    from the encoder alone (eval mode, no gradients); cached `visual_features` are used when the rows have them.
+    """
+    encoder = model.get_encoder()
+    was_training = model.training
+    model.eval()
+    all_logits, all_targets = [], []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = data_collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+            image_input = {
+                name: batch[name].to(model.device) for name in ("pixel_values", "visual_features") if name in batch
+            }
+            with torch.inference_mode():
+                disease_logits = encoder(**image_input).disease_logits
+            all_logits.append(disease_logits.float().cpu().numpy())
+            all_targets.append(batch["disease_labels"].numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(all_logits), np.concatenate(all_targets)
+
+
 def write_weight_checksum(trainer: CdanTrainer) -> None:
     """Each process writes the sum of its parameters, so a multi-process run can show its ranks agree."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -603,6 +662,8 @@ __all__ = [
     "asymmetric_loss",
     "binary_disease_targets",
     "cache_visual_features",
+    "calibrate_observation_thresholds",
+    "collect_disease_logits",
     "mean_auroc",
     "multi_label_loss",
     "offline_text_encoder_path",
