@@ -47,57 +47,30 @@ import transformers
 from transformers import EvalPrediction, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-
-try:
-    from .configuration_cdan import MODEL_SIZES, CdanConfig
-    from .data_cdan import load_cdan_dataset
-    from .evaluation_cdan import (
-        PUBLISHED_IU_XRAY,
-        evaluate_split,
-        markdown_table,
-        reference_reports,
-        score_reports,
-    )
-    from .modeling_cdan import CdanForConditionalGeneration
-    from .pipeline_cdan import register_pipeline_in_config, save_checkpoint
-    from .processing_cdan import CdanProcessor
-    from .trainer_cdan import (
-        CLINICAL_BERT,
-        CdanDataCollator,
-        CdanTrainer,
-        LossTermsCallback,
-        ReportEmbedder,
-        cache_visual_features,
-        calibrate_observation_thresholds,
-        collect_disease_logits,
-        warm_up_visual_extractor,
-        write_weight_checksum,
-    )
-except ImportError:
-    from configuration_cdan import MODEL_SIZES, CdanConfig
-    from data_cdan import load_cdan_dataset
-    from evaluation_cdan import (
-        PUBLISHED_IU_XRAY,
-        evaluate_split,
-        markdown_table,
-        reference_reports,
-        score_reports,
-    )
-    from modeling_cdan import CdanForConditionalGeneration
-    from pipeline_cdan import register_pipeline_in_config, save_checkpoint
-    from processing_cdan import CdanProcessor
-    from trainer_cdan import (
-        CLINICAL_BERT,
-        CdanDataCollator,
-        CdanTrainer,
-        LossTermsCallback,
-        ReportEmbedder,
-        cache_visual_features,
-        calibrate_observation_thresholds,
-        collect_disease_logits,
-        warm_up_visual_extractor,
-        write_weight_checksum,
-    )
+from configuration_cdan import MODEL_SIZES, CdanConfig
+from data_cdan import load_cdan_dataset
+from evaluation_cdan import (
+    PUBLISHED_IU_XRAY,
+    evaluate_split,
+    markdown_table,
+    reference_reports,
+    score_reports,
+)
+from modeling_cdan import CdanForConditionalGeneration
+from pipeline_cdan import register_pipeline_in_config, save_checkpoint
+from processing_cdan import CdanProcessor
+from trainer_cdan import (
+    CLINICAL_BERT,
+    CdanDataCollator,
+    CdanTrainer,
+    LossTermsCallback,
+    ReportEmbedder,
+    cache_visual_features,
+    calibrate_observation_thresholds,
+    collect_disease_logits,
+    warm_up_visual_extractor,
+    write_weight_checksum,
+)
 
 
 logger = logging.getLogger(__name__)

@@ -40,19 +40,11 @@ from transformers import AutoModel, AutoTokenizer, Seq2SeqTrainer, Trainer, Trai
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_utils import has_length
 
-
-try:
-    from .configuration_cdan import CHEXPERT_OBSERVATIONS, CdanConfig
-    from .labeler_cdan import to_binary
-    from .modeling_cdan import CdanForConditionalGeneration
-    from .pipeline_cdan import write_pipeline_files
-    from .processing_cdan import CdanProcessor
-except ImportError:
-    from configuration_cdan import CHEXPERT_OBSERVATIONS, CdanConfig
-    from labeler_cdan import to_binary
-    from modeling_cdan import CdanForConditionalGeneration
-    from pipeline_cdan import write_pipeline_files
-    from processing_cdan import CdanProcessor
+from configuration_cdan import CHEXPERT_OBSERVATIONS, CdanConfig
+from labeler_cdan import to_binary
+from modeling_cdan import CdanForConditionalGeneration
+from pipeline_cdan import write_pipeline_files
+from processing_cdan import CdanProcessor
 
 if TYPE_CHECKING:
     from train import CdanTrainingArguments, DataArguments, ModelArguments

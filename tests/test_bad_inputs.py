@@ -26,7 +26,8 @@ BAD = ("hang", "deep traceback", "raw Python error", "silent wrong output")
 
 
 def load_script(name: str):
-    """A script module loaded by path; `bad_inputs` imports `benchmark_utils` as a sibling, so that one goes first."""
+    """A script module loaded by path; `bad_inputs` imports its siblings `benchmark_utils` and `bad_input_corpus`, so
+    those go first."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
@@ -39,7 +40,13 @@ def load_script(name: str):
 @pytest.fixture(scope="module")
 def bad_inputs():
     load_script("benchmark_utils")
+    load_script("bad_input_corpus")
     return load_script("bad_inputs")
+
+
+@pytest.fixture(scope="module")
+def corpus(bad_inputs):
+    return sys.modules["bad_input_corpus"]
 
 
 def raised(function) -> BaseException:
@@ -106,12 +113,12 @@ def test_a_result_without_the_expected_error_or_warning_is_silent(bad_inputs):
     assert bad_inputs.classify_result(failing, [1], warned=["odd"])[0] == bad_inputs.SILENT
 
 
-def test_warnings_count_when_project_code_gives_them(bad_inputs, tmp_path):
+def test_warnings_count_when_project_code_gives_them(bad_inputs, corpus, tmp_path):
     def warn_from_project(workspace):
         from processing_cdan import CdanImageProcessor
 
         # One view for a two-view processor: repeated, with a (`warning_once`) warning.
-        return CdanImageProcessor(image_size=32, num_views=2)(str(bad_inputs.FRONTAL_PNG))
+        return CdanImageProcessor(image_size=32, num_views=2)(str(corpus.FRONTAL_PNG))
 
     def warn_from_elsewhere(workspace):
         logging.getLogger("some_library").warning("unrelated")
@@ -126,11 +133,11 @@ def test_warnings_count_when_project_code_gives_them(bad_inputs, tmp_path):
     assert bad_inputs.run_case(from_elsewhere, workspace)["observed"] == bad_inputs.SILENT
 
 
-def test_the_corpus_covers_every_area_and_expectation(bad_inputs):
-    cases = bad_inputs.CASES
+def test_the_corpus_covers_every_area_and_expectation(corpus):
+    cases = corpus.CASES
     assert len(cases) >= 100
-    assert {case.area for case in cases} == set(bad_inputs.AREAS)
-    assert {case.expected for case in cases} == set(bad_inputs.EXPECTATIONS)
+    assert {case.area for case in cases} == set(corpus.AREAS)
+    assert {case.expected for case in cases} == set(corpus.EXPECTATIONS)
     assert len({case.key for case in cases}) == len(cases)
 
 
