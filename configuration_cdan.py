@@ -42,6 +42,10 @@ ABLATIONS = {
 MLC_LOSSES = ("bce", "weighted_bce", "asymmetric")
 """The choices of `CdanConfig.mlc_loss`, the multi-label classification loss L_mlc (Eq. 15)."""
 
+DIAGNOSIS_STATES = ("negative", "positive", "uncertain")
+"""The per-observation states of the diagnosis prompt (`CdanConfig.use_diagnosis_prompt`), by index. NEGATIVE and
+NOT_MENTIONED labels are both "negative": the classifier cannot tell them apart."""
+
 MODEL_SIZES = {
     "default": {},
     "paper-82m": {"encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096},
@@ -159,6 +163,28 @@ class CdanConfig(PreTrainedConfig):
             is reported positive when its logit exceeds its threshold. `train.py` calibrates them on the validation
             split (the F1-optimal threshold of each observation) and saves them with the checkpoint. `None` means
             0.0 for all (probability 0.5).
+        use_diagnosis_prompt (`bool`, *optional*, defaults to `False`):
+            Diagnosis-guided decoding (in the spirit of PromptMRG, Jin et al., AAAI 2024): the classifier's decision
+            on each observation (negative, positive or uncertain, see `DIAGNOSIS_STATES`), taken at
+            `observation_thresholds`, becomes one learned prompt vector per observation that the decoder reads
+            before the first report token (and keeps in its cache). Needs `use_reverse_attention`. Off in the paper.
+        diagnosis_prompt_prediction_rate (`float`, *optional*, defaults to 0.5):
+            In training, the probability that an observation's prompt state is the model's own prediction rather
+            than the reference label, so the decoder learns to read the classifier's (imperfect) decisions it gets
+            at inference. 0 trains on reference labels only, 1 on predictions only.
+        diagnosis_prompt_memory_dropout (`float`, *optional*, defaults to 0.5):
+            In training, the probability that a study's decoder reads its diagnosis prompt without the image memory
+            (the encoder output it cross-attends to is zeroed for that study). Otherwise the decoder recognises each
+            training study from its image features, recites its report and learns to ignore the prompt; with it,
+            the decoder must write what the prompt says. Generation always reads both.
+        observation_sentences (`dict[str, str]`, *optional*):
+            When set, generated reports are edited to agree with the classifier's decisions (`consistency_cdan`):
+            sentences asserting an observation it calls negative are removed, and for each observation it calls
+            positive that the report does not assert, this sentence (the observation's most frequent single-finding
+            training sentence) is appended. `train.py --observation_sentences True` sets it. Off in the paper.
+        diagnosis_uncertainty_margin (`float`, *optional*, defaults to 0.0):
+            Logits within this margin of an observation's threshold give the "uncertain" prompt state; 0 gives only
+            negative and positive decisions (the reference labels still carry UNCERTAIN in training).
 
     Example:
 
@@ -216,6 +242,11 @@ class CdanConfig(PreTrainedConfig):
     mlc_asymmetric_gamma_negative: float | int = 4.0
     mlc_asymmetric_clip: float | int = 0.05
     observation_thresholds: list[float] | None = None
+    use_diagnosis_prompt: bool = False
+    diagnosis_prompt_prediction_rate: float | int = 0.5
+    diagnosis_prompt_memory_dropout: float | int = 0.5
+    diagnosis_uncertainty_margin: float | int = 0.0
+    observation_sentences: dict[str, str] | None = None
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -253,6 +284,21 @@ class CdanConfig(PreTrainedConfig):
             )
         self.validate_mlc_loss()
         self.validate_observation_thresholds()
+        self.validate_diagnosis_prompt()
+
+    def validate_diagnosis_prompt(self):
+        """Check the diagnosis-prompt fields: the prompt reads the reverse-attention classifier."""
+        if self.use_diagnosis_prompt and not self.use_reverse_attention:
+            raise ValueError(
+                "`use_diagnosis_prompt` reads the decisions of the reverse-attention classifier; set "
+                "`use_reverse_attention=True` (ablation rows +RA or +RA+SC)."
+            )
+        for name in ("diagnosis_prompt_prediction_rate", "diagnosis_prompt_memory_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must lie in [0, 1], got {getattr(self, name)}.")
+        margin = self.diagnosis_uncertainty_margin
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"`diagnosis_uncertainty_margin` must be a non-negative number, got {margin}.")
 
     def validate_observation_thresholds(self):
         """Check that `observation_thresholds`, when set, has one finite logit threshold per observation."""
@@ -307,4 +353,4 @@ class CdanConfig(PreTrainedConfig):
 
 CdanConfig.register_for_auto_class()
 
-__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "MLC_LOSSES", "MODEL_SIZES", "CdanConfig"]
+__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "DIAGNOSIS_STATES", "MLC_LOSSES", "MODEL_SIZES", "CdanConfig"]

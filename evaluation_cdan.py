@@ -36,6 +36,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from tqdm.auto import tqdm
 
+from consistency_cdan import align_reports_with_classifier
 from labeler_cdan import CHEXPERT_OBSERVATIONS, EVALUATION_OBSERVATIONS, label_reports, to_binary
 
 
@@ -422,8 +423,14 @@ def evaluate_with_reference_points(
 
 
 def markdown_table(results: dict[str, dict[str, float]], published: dict[str, Sequence[float]] | None = None) -> str:
-    """A Markdown table with the columns of the paper's Table 1, then CIDEr and the headline CE scores."""
+    """
+    A Markdown table with the columns of the paper's Table 1, then CIDEr and the headline CE scores, and the
+    classifier's scores (`classifier_scores`) when a row has them.
+    """
     columns = (*PAPER_TABLE_COLUMNS, "CIDEr", "CE macro-F1", "CE micro-F1", "CE example-F1", "CE macro-F1 (observed)")
+    classifier_columns = ("classifier macro-F1", "classifier mean AUROC", "report/classifier macro-F1")
+    if any(column in metrics for metrics in results.values() for column in classifier_columns):
+        columns += classifier_columns
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, values in (published or {}).items():
         cells = [f"{value:.3f}" for value in values] + ["–"] * (len(columns) - len(values))
@@ -463,9 +470,13 @@ def write_evaluation(
     return paths
 
 
-def generate_reports(model, processor, dataset, batch_size: int = 16, **generation_kwargs) -> list[str]:
+def generate_reports_and_disease_logits(
+    model, processor, dataset, batch_size: int = 16, **generation_kwargs
+) -> tuple[list[str], np.ndarray | None]:
     """
-    Generate one report per study of `dataset` (rows with `images`, or cached `visual_features`), in order.
+    Generate one report per study of `dataset` (rows with `images`, or cached `visual_features`), in order, and keep
+    the classifier's disease logits `u_c` of the same encoder pass (each study is encoded once). A model with
+    `config.observation_sentences` has its reports edited to agree with its classifier (`consistency_cdan`).
 
     Args:
         model (`CdanForConditionalGeneration`): the model.
@@ -473,9 +484,14 @@ def generate_reports(model, processor, dataset, batch_size: int = 16, **generati
         dataset (`datasets.Dataset`): the studies.
         batch_size (`int`, *optional*, defaults to 16): studies per `generate()` call.
         generation_kwargs: passed to `generate()` (e.g. `num_beams=3, max_length=60`).
+
+    Returns:
+        `(reports, disease_logits)`: the reports, and the `(studies, num_observations)` logits (`None` for a model
+        without the reverse-attention classifier).
     """
     model.eval()
     reports: list[str] = []
+    disease_logits: list[np.ndarray] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="Generating reports", unit="batch"):
         rows = dataset[start : start + batch_size]
         if "visual_features" in rows:
@@ -484,9 +500,74 @@ def generate_reports(model, processor, dataset, batch_size: int = 16, **generati
             inputs = {"pixel_values": processor(images=rows["images"], return_tensors="pt")["pixel_values"]}
         with torch.inference_mode():
             inputs = {key: value.to(model.device) for key, value in inputs.items()}
-            generated = model.generate(**inputs, **generation_kwargs)
-        reports.extend(processor.batch_decode(generated, skip_special_tokens=True))
-    return reports
+            encoder_outputs = model.get_encoder()(**inputs)
+            generated = model.generate(**inputs, encoder_outputs=encoder_outputs, **generation_kwargs)
+        batch_reports = processor.batch_decode(generated, skip_special_tokens=True)
+        if encoder_outputs.disease_logits is not None:
+            disease_logits.append(encoder_outputs.disease_logits.float().cpu().numpy())
+            if model.config.observation_sentences:  # reports edited to agree with the classifier (an option)
+                batch_reports = align_reports_with_classifier(
+                    batch_reports, model.diagnosis_decisions(encoder_outputs.disease_logits).tolist(),
+                    model.config.observation_names, model.config.observation_sentences,
+                )  # fmt: skip
+        reports.extend(batch_reports)
+    return reports, (np.concatenate(disease_logits) if disease_logits else None)
+
+
+def generate_reports(model, processor, dataset, batch_size: int = 16, **generation_kwargs) -> list[str]:
+    """The reports of `generate_reports_and_disease_logits`, without the logits."""
+    return generate_reports_and_disease_logits(model, processor, dataset, batch_size, **generation_kwargs)[0]
+
+
+def classifier_scores(
+    disease_logits: np.ndarray,
+    references: Sequence[str],
+    observation_names: Sequence[str] = CHEXPERT_OBSERVATIONS,
+    thresholds: Sequence[float] | None = None,
+    min_positives_for_auroc: int = 3,
+) -> dict[str, float]:
+    """
+    What the model sees: its reverse-attention classifier scored against the labels of the reference reports, on the
+    same scale as the reports' CE scores, so the two can be compared study for study.
+
+    - "classifier macro-F1": an observation is positive when its logit exceeds its threshold; F1 per observation
+      against the references' labels (POSITIVE is 1, the rest 0, as in `compute_clinical_efficacy`), averaged over
+      all 14 observations like "CE macro-F1" (observations the model does not classify count as 0).
+    - "classifier mean AUROC": mean over the observations with at least `min_positives_for_auroc` positive and one
+      negative reference.
+
+    Args:
+        disease_logits (`np.ndarray`): `(studies, len(observation_names))` logits `u_c`.
+        references (`Sequence[str]`): the reference reports, in the same order.
+        observation_names (`Sequence[str]`): the logits' observations (`config.observation_names`).
+        thresholds (`Sequence[float]`, *optional*): per-observation logit thresholds (`config.observation_thresholds`);
+            0.0 for all when `None`.
+        min_positives_for_auroc (`int`): see above.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    disease_logits = np.asarray(disease_logits, dtype=np.float64)
+    references = check_references(references)
+    if disease_logits.shape != (len(references), len(observation_names)):
+        raise ValueError(
+            f"`disease_logits` has shape {disease_logits.shape}; expected ({len(references)} studies, "
+            f"{len(observation_names)} observations)."
+        )
+    thresholds = np.zeros(len(observation_names)) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    reference_labels = np.asarray(binary_labels(references))  # (studies, 14), CHEXPERT_OBSERVATIONS order
+    columns = [CHEXPERT_OBSERVATIONS.index(name) for name in observation_names]
+    predicted_labels = np.zeros_like(reference_labels)
+    predicted_labels[:, columns] = disease_logits > thresholds
+    per_observation = precision_recall_f1(predicted_labels.tolist(), reference_labels.tolist())
+    aurocs = [
+        roc_auc_score(reference_labels[:, column], disease_logits[:, position])
+        for position, column in enumerate(columns)
+        if min_positives_for_auroc <= reference_labels[:, column].sum() < len(references)
+    ]
+    return {
+        "classifier macro-F1": sum(values["f1"] for values in per_observation.values()) / len(per_observation),
+        "classifier mean AUROC": float(np.mean(aurocs)) if aurocs else float("nan"),
+    }
 
 
 def reference_reports(processor, dataset) -> list[str]:
@@ -510,10 +591,14 @@ def evaluate_split(
     Generate reports for `split`, score them with the reference points, and write predictions, metrics and table.
 
     The references are the cleaned `findings` of each study; the reference points use the `train` and `validation`
-    splits of `dataset_dict`.
+    splits of `dataset_dict`. For a model with the reverse-attention classifier, the model's row also has the
+    classifier's own scores on the same studies (`classifier_scores`) and "report/classifier macro-F1", the share of
+    what the model sees that its reports say.
     """
     dataset = dataset_dict[split]
-    predictions = generate_reports(model, processor, dataset, batch_size, **generation_kwargs)
+    predictions, disease_logits = generate_reports_and_disease_logits(
+        model, processor, dataset, batch_size, **generation_kwargs
+    )
     references = reference_reports(processor, dataset)
     results = evaluate_with_reference_points(
         references,
@@ -523,6 +608,15 @@ def evaluate_split(
         seed=seed,
         with_meteor=with_meteor,
     )
+    if disease_logits is not None:
+        model_row = results["CDAN (this run)"]
+        model_row.update(
+            classifier_scores(
+                disease_logits, references, model.config.observation_names, model.config.observation_thresholds
+            )
+        )
+        classifier_f1 = model_row["classifier macro-F1"]
+        model_row["report/classifier macro-F1"] = model_row["CE macro-F1"] / classifier_f1 if classifier_f1 else 0.0
     write_evaluation(Path(output_dir), dataset["id"], references, predictions, results, published)
     return results
 
@@ -538,11 +632,13 @@ __all__ = [
     "check_references",
     "check_report_pairs",
     "check_reports",
+    "classifier_scores",
     "compute_clinical_efficacy",
     "compute_nlg_metrics",
     "evaluate_split",
     "evaluate_with_reference_points",
     "generate_reports",
+    "generate_reports_and_disease_logits",
     "macro_f1",
     "markdown_table",
     "meteor_score",

@@ -28,7 +28,10 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from configuration_cdan import CHEXPERT_OBSERVATIONS
+try:
+    from .configuration_cdan import CHEXPERT_OBSERVATIONS
+except ImportError:
+    from configuration_cdan import CHEXPERT_OBSERVATIONS
 
 
 POSITIVE = 1

@@ -13,7 +13,9 @@ References:
 2) Chen et al., "Generating Radiology Reports via Memory-driven Transformer", EMNLP 2020 (R2Gen): the IU X-Ray /
    MIMIC-CXR protocol and the stacking of several views along the token axis.
 3) Vaswani et al., "Attention Is All You Need", NeurIPS 2017: the encoder and decoder layers.
-4) Hugging Face transformers: BART (attention with `EncoderDecoderCache` and `layer_idx`), VisionEncoderDecoder
+4) Jin et al., "PromptMRG: Diagnosis-Driven Prompts for Medical Report Generation", AAAI 2024: the idea behind the
+   optional diagnosis prompt (`CdanConfig.use_diagnosis_prompt`), which is not part of the paper's CDAN.
+5) Hugging Face transformers: BART (attention with `EncoderDecoderCache` and `layer_idx`), VisionEncoderDecoder
    (model layout), T5Gemma2 (`self.loss_function`).
 """
 
@@ -38,9 +40,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 
 try:
-    from .configuration_cdan import CdanConfig
+    from .configuration_cdan import DIAGNOSIS_STATES, CdanConfig
 except ImportError:
-    from configuration_cdan import CdanConfig
+    from configuration_cdan import DIAGNOSIS_STATES, CdanConfig
 
 
 logger = logging.get_logger(__name__)
@@ -88,12 +90,15 @@ class CdanSeq2SeqModelOutput(Seq2SeqModelOutput):
             Positive attention weights, when `output_attentions=True`.
         negative_attentions (`torch.FloatTensor`, *optional*):
             Negative attention weights, when `output_attentions=True`.
+        diagnosis_states (`torch.LongTensor` of shape `(batch_size, num_observations)`, *optional*):
+            The diagnosis prompt the decoder read (indices into `DIAGNOSIS_STATES`), when `use_diagnosis_prompt`.
     """
 
     disease_logits: torch.FloatTensor | None = None
     pooled_semantic_states: torch.FloatTensor | None = None
     positive_attentions: torch.FloatTensor | None = None
     negative_attentions: torch.FloatTensor | None = None
+    diagnosis_states: torch.LongTensor | None = None
 
 
 @dataclass
@@ -116,12 +121,15 @@ class CdanSeq2SeqLMOutput(Seq2SeqLMOutput):
             Positive attention weights, when `output_attentions=True`.
         negative_attentions (`torch.FloatTensor`, *optional*):
             Negative attention weights, when `output_attentions=True`.
+        diagnosis_states (`torch.LongTensor` of shape `(batch_size, num_observations)`, *optional*):
+            The diagnosis prompt the decoder read (indices into `DIAGNOSIS_STATES`), when `use_diagnosis_prompt`.
     """
 
     disease_logits: torch.FloatTensor | None = None
     visual_semantics: torch.FloatTensor | None = None
     positive_attentions: torch.FloatTensor | None = None
     negative_attentions: torch.FloatTensor | None = None
+    diagnosis_states: torch.LongTensor | None = None
 
 
 def sinusoidal_positions(num_positions: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -140,6 +148,27 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
     decoder_input_ids[:, 1:] = labels[:, :-1].clone()
     decoder_input_ids[:, 0] = decoder_start_token_id
     return decoder_input_ids.masked_fill(decoder_input_ids == -100, pad_token_id)
+
+
+def diagnosis_states_from_logits(
+    disease_logits: torch.Tensor, thresholds: list[float] | None = None, uncertainty_margin: float = 0.0
+) -> torch.LongTensor:
+    """
+    The classifier's decision on each observation, as indices into `DIAGNOSIS_STATES`: positive when the logit exceeds
+    its threshold by more than `uncertainty_margin`, uncertain within the margin, negative below it.
+
+    Args:
+        disease_logits (`torch.Tensor` of shape `(batch_size, num_observations)`): `u_c`.
+        thresholds (`list[float]`, *optional*): one logit threshold per observation (`config.observation_thresholds`);
+            0.0 for all when `None`.
+        uncertainty_margin (`float`): `config.diagnosis_uncertainty_margin`.
+    """
+    thresholds = disease_logits.new_tensor(thresholds) if thresholds is not None else 0.0
+    distance = disease_logits - thresholds  # (B, num_observations)
+    states = torch.full_like(distance, DIAGNOSIS_STATES.index("negative"), dtype=torch.long)
+    states[distance > -uncertainty_margin] = DIAGNOSIS_STATES.index("uncertain")  # empty band when the margin is 0
+    states[distance > uncertainty_margin] = DIAGNOSIS_STATES.index("positive")
+    return states
 
 
 def eager_attention_forward(
@@ -580,6 +609,34 @@ class CdanReverseAttention(nn.Module):
         return u_s, u_c, positive_weights, negative_weights
 
 
+class CdanDiagnosisPrompt(nn.Module):
+    """
+    The diagnosis prompt: one learned vector per (observation, state) pair, so a study's decisions on the
+    `num_observations` observations become `num_observations` prompt vectors that the decoder reads before the report.
+
+    Args:
+        config (`CdanConfig`):
+            Reads `num_observations` and `d_model`.
+    """
+
+    def __init__(self, config: CdanConfig):
+        super().__init__()
+        self.num_observations, self.num_states = config.num_observations, len(DIAGNOSIS_STATES)
+        self.state_embeddings = nn.Embedding(self.num_observations * self.num_states, config.d_model)
+
+    def forward(self, diagnosis_states: torch.LongTensor) -> torch.Tensor:
+        """`(B, num_observations)` state indices -> `(B, num_observations, d_model)` prompt vectors."""
+        if diagnosis_states.ndim != 2 or diagnosis_states.shape[1] != self.num_observations:
+            raise ValueError(
+                f"`diagnosis_states` must have shape (batch, {self.num_observations}); "
+                f"got {tuple(diagnosis_states.shape)}."
+            )
+        if diagnosis_states.min() < 0 or diagnosis_states.max() >= self.num_states:
+            raise ValueError(f"`diagnosis_states` must hold indices 0 to {self.num_states - 1} of {DIAGNOSIS_STATES}.")
+        observation_offsets = torch.arange(diagnosis_states.shape[1], device=diagnosis_states.device) * self.num_states
+        return self.state_embeddings(diagnosis_states + observation_offsets)  # (B, O, C)
+
+
 class CdanFeedForward(nn.Module):
     """Position-wise feed-forward block `W_2 act(W_1 x)`."""
 
@@ -798,6 +855,10 @@ class CdanDecoder(CdanPreTrainedModel):
     cross-attention layers over the encoded `u_s`, and a final LayerNorm. Keys and values are cached in an
     `EncoderDecoderCache` during generation.
 
+    With `use_diagnosis_prompt`, the first forward of a report (empty cache) puts the `num_observations` diagnosis
+    prompt vectors before the report tokens: the report tokens attend to them causally, their keys and values stay in
+    the cache, and they have no word position (report positions still start at 0) and no output.
+
     Args:
         config (`CdanConfig`): the model configuration.
     """
@@ -810,6 +871,7 @@ class CdanDecoder(CdanPreTrainedModel):
         self.dropout = config.dropout
         self.layers = nn.ModuleList([CdanDecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
+        self.diagnosis_prompt = CdanDiagnosisPrompt(config) if config.use_diagnosis_prompt else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -829,8 +891,14 @@ class CdanDecoder(CdanPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        diagnosis_states: torch.LongTensor | None = None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
+        r"""
+        diagnosis_states (`torch.LongTensor` of shape `(num_studies, num_observations)`, *optional*):
+            The diagnosis prompt (indices into `DIAGNOSIS_STATES`), read when the cache is empty; required then with
+            `use_diagnosis_prompt`. `num_studies` may divide the batch (beams of one study share their prompt).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `decoder_input_ids` and `decoder_inputs_embeds`.")
         if inputs_embeds is None:
@@ -839,25 +907,35 @@ class CdanDecoder(CdanPreTrainedModel):
             cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
 
         batch_size, target_length = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length + target_length > self.config.max_position_embeddings:
+        hidden_device = inputs_embeds.device
+        past_length = cache.get_seq_length() if cache is not None else 0  # prompt included, once it is cached
+        prompt_length = self.config.num_observations if self.diagnosis_prompt is not None else 0
+        past_report_length = max(past_length - prompt_length, 0)
+        if past_report_length + target_length > self.config.max_position_embeddings:
             raise ValueError(
-                f"Report length {past_length + target_length} exceeds `max_position_embeddings` "
+                f"Report length {past_report_length + target_length} exceeds `max_position_embeddings` "
                 f"({self.config.max_position_embeddings}); lower the generation `max_length`."
             )
-        position_ids = torch.arange(past_length, past_length + target_length, device=inputs_embeds.device)
+        position_ids = torch.arange(past_report_length, past_report_length + target_length, device=hidden_device)
+        hidden_states = inputs_embeds + self.embed_positions(position_ids)  # Eq. (19): word + position embeddings
+        new_prompt_length = 0
+        if self.diagnosis_prompt is not None and past_length == 0:
+            prompt = self.diagnosis_prompt_embeddings(diagnosis_states, batch_size)  # (B, O, d_model)
+            hidden_states = torch.cat([prompt.to(hidden_states.dtype), hidden_states], dim=1)  # (B, O + T, d_model)
+            new_prompt_length = prompt_length
         if attention_mask is None:
-            attention_mask = torch.ones(batch_size, past_length + target_length, device=inputs_embeds.device)
+            attention_mask = torch.ones(batch_size, past_report_length + target_length, device=inputs_embeds.device)
+        if prompt_length:  # the mask covers report tokens; the prompt is always visible
+            attention_mask = torch.cat([attention_mask.new_ones(batch_size, prompt_length), attention_mask], dim=-1)
         self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         causal_mask = create_causal_mask(
             config=self.config,
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=hidden_states,
             attention_mask=attention_mask,
             cache=self_attention_cache,
-            position_ids=position_ids.unsqueeze(0),
+            position_ids=torch.arange(past_length, past_length + hidden_states.shape[1], device=hidden_device)[None],
         )
 
-        hidden_states = inputs_embeds + self.embed_positions(position_ids)  # Eq. (19): word + position embeddings
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         all_hidden_states = () if output_hidden_states else None
         for decoder_layer in self.layers:
@@ -873,11 +951,31 @@ class CdanDecoder(CdanPreTrainedModel):
         hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if new_prompt_length:  # outputs for the report tokens only
+            hidden_states = hidden_states[:, new_prompt_length:]
+            if output_hidden_states:
+                all_hidden_states = tuple(states[:, new_prompt_length:] for states in all_hidden_states)
         return Seq2SeqModelOutput(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
             decoder_hidden_states=all_hidden_states,
         )
+
+
+    def diagnosis_prompt_embeddings(self, diagnosis_states: torch.LongTensor | None, batch_size: int) -> torch.Tensor:
+        """The prompt vectors of `diagnosis_states`, repeated over the beams (or samples) of each study."""
+        if diagnosis_states is None:
+            raise ValueError(
+                "This decoder reads a diagnosis prompt (`use_diagnosis_prompt`): pass `diagnosis_states`, or run the "
+                "full model, which takes them from the classifier."
+            )
+        num_studies = diagnosis_states.shape[0]
+        if num_studies == 0 or batch_size % num_studies:
+            raise ValueError(
+                f"`diagnosis_states` has {num_studies} rows, which does not divide the decoder batch of {batch_size}."
+            )
+        prompt = self.diagnosis_prompt(diagnosis_states.to(self.embed_positions.weight.device))  # (studies, O, C)
+        return prompt.repeat_interleave(batch_size // num_studies, dim=0)  # (B, O, C)
 
 
 class CdanModel(CdanPreTrainedModel):
@@ -912,6 +1010,7 @@ class CdanModel(CdanPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         visual_features: torch.FloatTensor | None = None,
+        diagnosis_states: torch.LongTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqModelOutput:
         if encoder_outputs is None:
@@ -924,14 +1023,23 @@ class CdanModel(CdanPreTrainedModel):
             )
         elif not isinstance(encoder_outputs, CdanEncoderOutput):
             encoder_outputs = CdanEncoderOutput(*encoder_outputs)
+        memory = encoder_outputs.last_hidden_state  # (B, 2N + k, d_model)
+        if self.decoder.diagnosis_prompt is not None:
+            diagnosis_states = self.diagnosis_prompt_states(encoder_outputs.disease_logits, diagnosis_states)
+            if self.training and self.config.diagnosis_prompt_memory_dropout > 0:
+                keep = torch.rand(memory.shape[0], device=memory.device) >= self.config.diagnosis_prompt_memory_dropout
+                memory = memory * keep[:, None, None].to(memory.dtype)  # dropped studies read the prompt alone
+        elif diagnosis_states is not None:
+            raise ValueError("This model has no diagnosis prompt (`use_diagnosis_prompt=False`); drop diagnosis_states.")
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
-            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=memory,
             cache=cache,
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            diagnosis_states=diagnosis_states,
             return_dict=True,
         )
         return CdanSeq2SeqModelOutput(
@@ -944,7 +1052,36 @@ class CdanModel(CdanPreTrainedModel):
             pooled_semantic_states=encoder_outputs.pooled_semantic_states,
             positive_attentions=encoder_outputs.positive_attentions,
             negative_attentions=encoder_outputs.negative_attentions,
+            diagnosis_states=diagnosis_states,
         )
+
+    def diagnosis_prompt_states(
+        self, disease_logits: torch.Tensor, reference_states: torch.LongTensor | None = None
+    ) -> torch.LongTensor:
+        """
+        The diagnosis prompt of each study, `(num_studies, num_observations)` indices into `DIAGNOSIS_STATES`.
+
+        Without `reference_states` it is the classifier's decision (`diagnosis_states_from_logits` at the
+        configured thresholds), as in generation. Given states are used as they are in eval mode (to condition a
+        report on a chosen diagnosis), and in training each observation takes the model's own decision with
+        probability `diagnosis_prompt_prediction_rate`, the reference otherwise.
+        """
+        config = self.config
+        predicted = diagnosis_states_from_logits(
+            disease_logits.detach(), config.observation_thresholds, config.diagnosis_uncertainty_margin
+        )  # (studies, O)
+        if reference_states is None:
+            return predicted
+        if reference_states.shape != predicted.shape:
+            raise ValueError(
+                f"`diagnosis_states` must have one row per study and one column per observation, "
+                f"{tuple(predicted.shape)}; got {tuple(reference_states.shape)}."
+            )
+        reference_states = reference_states.to(device=predicted.device, dtype=torch.long)
+        if not self.training:
+            return reference_states
+        use_prediction = torch.rand(predicted.shape, device=predicted.device) < config.diagnosis_prompt_prediction_rate
+        return torch.where(use_prediction, predicted, reference_states)
 
 
 class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
@@ -1033,11 +1170,14 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         memory's keys and values are projected, cached and read once per study instead of once per beam.
         """
         encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        diagnosis_states = model_kwargs.pop("diagnosis_states", None)  # one prompt per study, as the memory
         if is_encoder_decoder and encoder_outputs is None:
             raise ValueError("`generate()` needs `encoder_outputs` here; pass `pixel_values` or `visual_features`.")
         input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
         if encoder_outputs is not None:
             model_kwargs["encoder_outputs"] = encoder_outputs
+        if diagnosis_states is not None:
+            model_kwargs["diagnosis_states"] = diagnosis_states
         return input_ids, model_kwargs
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs: dict):
@@ -1087,6 +1227,17 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         cache.self_attention_cache.reorder_cache(beam_idx)
         return cache
 
+    def diagnosis_decisions(self, disease_logits: torch.Tensor) -> torch.LongTensor:
+        """
+        The classifier's decision on each observation, `(B, num_observations)` indices into `DIAGNOSIS_STATES`, at the
+        configured `observation_thresholds` and `diagnosis_uncertainty_margin`: what the diagnosis prompt reads, and
+        what the pipeline's `return_labels` reports.
+        """
+        config = self.config
+        return diagnosis_states_from_logits(
+            disease_logits, config.observation_thresholds, config.diagnosis_uncertainty_margin
+        )
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
@@ -1105,6 +1256,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         visual_features: torch.FloatTensor | None = None,
+        diagnosis_states: torch.LongTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqLMOutput:
         r"""
@@ -1125,6 +1277,10 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             Return the positive and negative attention weights.
         visual_features (`torch.FloatTensor` of shape `(batch_size, num_patches, num_features)`, *optional*):
             Cached visual-extractor features, used instead of `pixel_values` (frozen-extractor training).
+        diagnosis_states (`torch.LongTensor` of shape `(batch_size, num_observations)`, *optional*):
+            Only with `use_diagnosis_prompt`: reference decisions (indices into `DIAGNOSIS_STATES`). In training
+            they are mixed with the classifier's own (`diagnosis_prompt_prediction_rate`); in eval mode and
+            `generate()` they replace them. Without them the prompt is the classifier's decision.
         kwargs:
             `num_items_in_batch` from the Trainer, so the loss is correct under gradient accumulation, and
             `return_dict=False` for a tuple instead of a [`CdanSeq2SeqLMOutput`].
@@ -1145,6 +1301,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             visual_features=visual_features,
+            diagnosis_states=diagnosis_states,
             return_dict=True,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # Eq. (21): p(w_t | w_<t, u_s), (B, T, vocab_size)
@@ -1166,6 +1323,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             visual_semantics=visual_semantics,
             positive_attentions=outputs.positive_attentions,
             negative_attentions=outputs.negative_attentions,
+            diagnosis_states=outputs.diagnosis_states,
         )
 
 
@@ -1176,6 +1334,7 @@ __all__ = [
     "CdanEncoder",
     "CdanEncoderOutput",
     "CdanDecoder",
+    "CdanDiagnosisPrompt",
     "CdanForConditionalGeneration",
     "CdanModel",
     "CdanPreTrainedModel",
@@ -1183,4 +1342,5 @@ __all__ = [
     "CdanSeq2SeqLMOutput",
     "CdanSeq2SeqModelOutput",
     "CdanVisualExtractor",
+    "diagnosis_states_from_logits",
 ]

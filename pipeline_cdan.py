@@ -27,7 +27,20 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
 
+
+try:
+    from .configuration_cdan import DIAGNOSIS_STATES
+    from .consistency_cdan import align_reports_with_classifier
+except ImportError:
+    from configuration_cdan import DIAGNOSIS_STATES
+    from consistency_cdan import align_reports_with_classifier
+
+logger = logging.get_logger(__name__)
+
+PIPELINE_MODULE_FILES = ("pipeline_cdan.py", "consistency_cdan.py", "labeler_cdan.py")
+"""The pipeline's remote code and the modules it imports that a saved model does not already carry."""
 
 MIN_TRANSFORMERS_VERSION = "5.24.0"
 """Oldest transformers the remote code runs on (the decoder cache argument is named `cache` since 5.24); the same
@@ -59,11 +72,18 @@ class CdanReportPipeline(Pipeline):
     they are processed with a `UserWarning`; with `"error"` they raise `ValueError`.
 
     `return_labels=True`, at construction or per call, adds the structured CheXpert labels of the reverse-attention
-    classifier to each result: `{"generated_text": ..., "labels": {observation: "positive" | "negative"},
+    classifier to each result: `{"generated_text": ..., "labels": {observation: "positive" | "negative" | ...},
     "probabilities": {observation: sigmoid(logit)}}`, an observation being positive when its logit exceeds its
-    `config.observation_thresholds` entry (0.0, i.e. probability 0.5, when unset). The image is encoded once for both
+    `config.observation_thresholds` entry (0.0, i.e. probability 0.5, when unset), and "uncertain" within
+    `config.diagnosis_uncertainty_margin` of it (0 by default: no uncertain labels). These are the decisions a model
+    with the diagnosis prompt (`use_diagnosis_prompt`) writes its report from. The image is encoded once for both
     the labels and the report, which is the same as without `return_labels`. Models without reverse attention have
     no classifier and raise `ValueError`.
+
+    `ban_anonymisation_token=True`, at construction or per call, never writes IU X-Ray's de-identification mark
+    `xxxx` (nor the vocabulary words containing it, see [`CdanProcessor.anonymisation_token_ids`]): their ids are
+    added to the generation's `suppress_tokens` (on top of any the call or the checkpoint sets), whose logits
+    processor masks them at every decoding step. A vocabulary without them generates as without the option.
     """
 
     _load_processor = True
@@ -77,10 +97,13 @@ class CdanReportPipeline(Pipeline):
         generate_kwargs: dict | None = None,
         on_degenerate_image: str | None = None,
         return_labels: bool | None = None,
+        ban_anonymisation_token: bool | None = None,
         **generation_parameters,
     ):
         preprocess_params = {} if on_degenerate_image is None else {"on_degenerate_image": on_degenerate_image}
         forward_params = {"generate_kwargs": {**(generate_kwargs or {}), **generation_parameters}}
+        if ban_anonymisation_token is not None:
+            forward_params["ban_anonymisation_token"] = bool(ban_anonymisation_token)
         if return_labels is not None:
             if return_labels and not self.model.config.use_reverse_attention:
                 raise ValueError(
@@ -88,7 +111,8 @@ class CdanReportPipeline(Pipeline):
                     "(`use_reverse_attention=False`)."
                 )
             forward_params["return_labels"] = return_labels
-        return preprocess_params, forward_params, {}
+        postprocess_params = {} if return_labels is None else {"return_labels": return_labels}
+        return preprocess_params, forward_params, postprocess_params
 
     def __call__(self, inputs: Any = None, **kwargs) -> list:
         if inputs is None or (isinstance(inputs, (list, tuple, dict)) and len(inputs) == 0):
@@ -116,31 +140,62 @@ class CdanReportPipeline(Pipeline):
         )["pixel_values"]
         return {"pixel_values": pixel_values.to(self.dtype or torch.float32)}
 
+    def anonymisation_suppress_tokens(self, generate_kwargs: dict) -> list[int]:
+        """
+        The `suppress_tokens` that ban the anonymisation words: those `generate` would already suppress with
+        `generate_kwargs` (this call's, on top of the pipeline's and the checkpoint's), plus
+        [`CdanProcessor.anonymisation_token_ids`].
+        """
+        anonymisation_ids = self.processor.anonymisation_token_ids()
+        if not anonymisation_ids:
+            logger.warning_once(
+                "`ban_anonymisation_token=True`, but the vocabulary has no word with the de-identification mark "
+                "'xxxx'; nothing is banned."
+            )
+        if "generation_config" not in generate_kwargs:
+            generate_kwargs = {**self._generate_kwargs, **generate_kwargs}
+        already_suppressed = self._get_set_generation_params(generate_kwargs).get("suppress_tokens") or []
+        return sorted({*already_suppressed, *anonymisation_ids})
+
     def _forward(
-        self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None, return_labels: bool = False
+        self,
+        model_inputs: dict[str, torch.Tensor],
+        generate_kwargs: dict | None = None,
+        return_labels: bool = False,
+        ban_anonymisation_token: bool = False,
     ) -> dict:
-        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
-        if not return_labels:
+        generate_kwargs = generate_kwargs or {}
+        overrides = {}
+        if ban_anonymisation_token and (suppress_tokens := self.anonymisation_suppress_tokens(generate_kwargs)):
+            overrides["suppress_tokens"] = suppress_tokens
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs, **overrides)
+        if not return_labels and not self.model.config.observation_sentences:
             return {"generated_ids": self.model.generate(**model_inputs, **generate_kwargs)}
         # Encode the image once: the disease logits come from the encoder, whose output `generate` then decodes
         encoder_outputs = self.model.get_encoder()(**model_inputs)
         generated_ids = self.model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
         return {"generated_ids": generated_ids, "disease_logits": encoder_outputs.disease_logits}
 
-    def postprocess(self, model_outputs: dict) -> list[dict]:
+    def postprocess(self, model_outputs: dict, return_labels: bool = False) -> list[dict]:
         reports = self.processor.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
-        results = [{"generated_text": report} for report in reports]
         if "disease_logits" in model_outputs:
             config = self.model.config
-            thresholds = torch.tensor(config.observation_thresholds or [0.0] * config.num_observations)
             disease_logits = model_outputs["disease_logits"].float().cpu()
+            decisions = self.model.diagnosis_decisions(disease_logits).tolist()  # what a diagnosis prompt reads
             # One encoder row per study; with several returned sequences each study has several reports
-            sequences_per_study = len(results) // len(disease_logits)
+            sequences_per_study = len(reports) // len(disease_logits)
+            if config.observation_sentences:  # reports edited to agree with the classifier (an option)
+                study_decisions = [decisions[index // sequences_per_study] for index in range(len(reports))]
+                reports = align_reports_with_classifier(
+                    reports, study_decisions, config.observation_names, config.observation_sentences
+                )
+        results = [{"generated_text": report} for report in reports]
+        if return_labels:
             for index, result in enumerate(results):
-                study_logits = disease_logits[index // sequences_per_study]
+                study = index // sequences_per_study
+                study_logits = disease_logits[study]
                 result["labels"] = {
-                    name: "positive" if is_positive else "negative"
-                    for name, is_positive in zip(config.observation_names, (study_logits > thresholds).tolist())
+                    name: DIAGNOSIS_STATES[state] for name, state in zip(config.observation_names, decisions[study])
                 }
                 result["probabilities"] = dict(zip(config.observation_names, torch.sigmoid(study_logits).tolist()))
         return results
@@ -149,7 +204,8 @@ class CdanReportPipeline(Pipeline):
         """
         Save everything a Hub repository needs: `config.json` with `auto_map` and `custom_pipelines`, safetensors
         weights, `generation_config.json`, the processor and tokenizer files, the remote-code files
-        (`configuration_cdan.py`, `modeling_cdan.py`, `processing_cdan.py`, `pipeline_cdan.py`) and a model card.
+        (`configuration_cdan.py`, `modeling_cdan.py`, `processing_cdan.py`, `dicom_cdan.py`, `pipeline_cdan.py`) and a
+        model card.
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder to write.
@@ -297,9 +353,11 @@ def register_pipeline_in_config(config) -> None:
 def write_pipeline_files(save_directory: str | os.PathLike, model, processor=None, **model_card_kwargs) -> None:
     """
     Add what a saved model and processor still lack to be a Hub repository: `pipeline_cdan.py` (the remote code of
-    the pipeline) and the model card. `config.custom_pipelines` must have been set before the model was saved.
+    the pipeline) with the modules it imports (`PIPELINE_MODULE_FILES`), and the model card.
+    `config.custom_pipelines` must have been set before the model was saved.
     """
-    shutil.copy(__file__, Path(save_directory) / Path(__file__).name)
+    for module_file in PIPELINE_MODULE_FILES:  # the pipeline's remote code and what it imports
+        shutil.copy(Path(__file__).with_name(module_file), Path(save_directory) / module_file)
     build_model_card(model, processor, **model_card_kwargs).save(os.path.join(save_directory, "README.md"))
 
 
@@ -308,6 +366,7 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "PIPELINE_MODULE_FILES",
     "CdanReportPipeline",
     "build_model_card",
     "register_pipeline_in_config",

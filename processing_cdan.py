@@ -22,6 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from transformers import PreTrainedTokenizerFast
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
@@ -31,6 +32,11 @@ from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
+
+try:
+    from .dicom_cdan import DicomImage, read_dicom
+except ImportError:
+    from dicom_cdan import DicomImage, read_dicom
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,6 +145,10 @@ SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 """Special tokens in id order: `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3; vocabulary words start at id 4."""
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+ANONYMISATION_MARK = "xxxx"
+"""IU X-Ray's de-identification mark: the cleaned reports keep it (as R2Gen does) as the word `xxxx` and inside
+words such as `x-xxxx` and `xxxx-a-xxxx`; [`CdanProcessor.anonymisation_token_ids`] finds them in the vocabulary."""
 
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 """`from_pretrained` arguments that locate files, passed on to the image processor and the tokenizer."""
@@ -323,12 +333,26 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+def is_dicom_path(image: ImageInput) -> bool:
+    """Whether `image` is the path of an existing DICOM Part 10 file (checked by its header, not its name)."""
+    return isinstance(image, (str, os.PathLike)) and is_dicom_file(check_image_path(image))
+
+
+def dicom_to_float_image(dicom_image: DicomImage) -> tv_tensors.Image:
+    """A DICOM image as a float32 `tv_tensors.Image` `(3, H, W)` in [0, 1] (min..max after windowing, grey x 3)."""
+    grey = torch.from_numpy(dicom_image.to_float01())
+    return tv_tensors.Image(grey.unsqueeze(0).expand(3, -1, -1).contiguous())
+
+
 def load_image(image: ImageInput) -> PIL.Image.Image:
     """
     Load one chest X-ray view as an 8-bit RGB PIL image.
 
     Supported inputs and how they are converted:
         - a file path (`str` or `os.PathLike`) to anything PIL reads (PNG, JPEG, ...), or a `PIL.Image.Image`;
+        - a DICOM file (recognised by its "DICM" header, whatever its name): read with [`dicom_cdan.read_dicom`]
+          (Modality LUT / rescale, VOI LUT or window, MONOCHROME1 inverted, first frame of a multi-frame file), then
+          rescaled to 8 bits by its own minimum..maximum after windowing;
         - 8-bit greyscale ("L") and 1-bit ("1") images: grey replicated to three channels;
         - 16-bit or 32-bit greyscale ("I;16", "I;16B", "I;16L", "I", and floating-point "F"): rescaled to 8 bits by
           the image's OWN minimum..maximum (the darkest pixel becomes 0, the brightest 255; a constant image
@@ -347,23 +371,28 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
 
     Raises:
         `FileNotFoundError`: the path does not exist (the message names it).
+        `ImportError`: a DICOM file is compressed and no installed package decodes it (the message names the
+            transfer syntax and the packages; the error is also a `ValueError`), or pydicom is not installed.
         `ValueError`: the path is empty, a URL (not fetched) or a directory; the file cannot be decoded (corrupt,
-            truncated, not an image; DICOM files are recognised and named as such); a PIL image was closed; the image
-            is empty (zero width or height), its mode or array layout is unsupported. The message names the path,
-            mode or shape.
+            truncated, not an image; a DICOM file without pixel data or in a transfer syntax pydicom cannot decode);
+            a PIL image was closed; the image is empty (zero width or height), its mode or array layout is
+            unsupported. The message names the path, mode or shape.
         `TypeError`: the input is of another type.
     """
     if isinstance(image, (str, os.PathLike)):
         path = check_image_path(image)
+        if is_dicom_file(path):
+            return read_dicom(path).to_pil()
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()
                 return pil_to_rgb(opened, source=str(path))
         except (PIL.UnidentifiedImageError, OSError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as error:
-            if is_dicom_file(path):
+            if path.suffix.lower() in (".dcm", ".dicom"):
                 raise ValueError(
-                    f"The image file {path} is a DICOM file, and DICOM is not read yet: convert it to PNG first (for "
-                    "example with pydicom: save `pydicom.dcmread(path).pixel_array` as a 16-bit greyscale PNG)."
+                    f"The image file {path} is named as DICOM but has no DICOM header ('DICM' after a 128-byte "
+                    "preamble) and is no image PIL reads. For a header-less (ACR-NEMA style) DICOM file, pass "
+                    "`dicom_cdan.read_dicom(path, force=True).pixels` instead of the path."
                 ) from error
             raise ValueError(f"Cannot read the image file {path}: {error}") from error
     if isinstance(image, PIL.Image.Image):
@@ -673,9 +702,15 @@ class CdanImageProcessor(BaseImageProcessor):
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=tensor_type)
 
     @staticmethod
-    def load_view(view: ImageInput, position: str, on_degenerate_image: str) -> PIL.Image.Image:
-        """[`load_image`], then warn about or refuse a view that cannot be a chest X-ray (`on_degenerate_image`)."""
-        image = load_image(view)
+    def load_view(view: ImageInput, position: str, on_degenerate_image: str) -> PIL.Image.Image | tv_tensors.Image:
+        """
+        [`load_image`], then warn about or refuse a view that cannot be a chest X-ray (`on_degenerate_image`).
+
+        A DICOM file comes back as a float32 `tv_tensors.Image` `(3, H, W)` in [0, 1] rather than an 8-bit PIL image,
+        so that its full (e.g. 16-bit) precision reaches the normalisation; the checks run on its 8-bit version.
+        """
+        dicom_image = read_dicom(view) if is_dicom_path(view) else None
+        image = dicom_image.to_pil() if dicom_image is not None else load_image(view)
         reasons = degenerate_image_reasons(image)
         if reasons:
             message = (
@@ -685,6 +720,8 @@ class CdanImageProcessor(BaseImageProcessor):
             if on_degenerate_image == "error":
                 raise ValueError(f"{message}. (Refused because `on_degenerate_image='error'`.)")
             warnings.warn(f"{message}, or pass `on_degenerate_image='error'` to refuse such images.", UserWarning)
+        if dicom_image is not None:
+            return dicom_to_float_image(dicom_image)
         return image
 
 
@@ -932,6 +969,23 @@ class CdanProcessor(ProcessorMixin):
             raise ValueError(f"`decode` takes the ids of one report; got {len(rows)} rows, use `batch_decode`.")
         return self.tokenizer.decode(rows[0] if rows else [], skip_special_tokens=skip_special_tokens, **kwargs)
 
+    def anonymisation_token_ids(self) -> list[int]:
+        """
+        The vocabulary ids of the words that carry IU X-Ray's de-identification mark `xxxx` (`ANONYMISATION_MARK`):
+        `xxxx` itself and the words containing it (R2Gen's IU X-Ray vocabulary has `xxxx`, `x-xxxx` and
+        `xxxx-a-xxxx`). Passed as `suppress_tokens` to `generate`, they are never written (see the pipeline's
+        `ban_anonymisation_token`).
+
+        Returns:
+            `list[int]`: the ids in increasing order; empty when the vocabulary has no such word (MIMIC-CXR's
+            cleaner, for instance, removes its `___` mark entirely).
+        """
+        return sorted(
+            token_id
+            for token, token_id in self.tokenizer.get_vocab().items()
+            if ANONYMISATION_MARK in token and token not in SPECIAL_TOKENS
+        )
+
     def post_process_report_generation(self, generated_ids: Any) -> list[str]:
         """
         The reports written by `model.generate`, special tokens removed.
@@ -954,6 +1008,7 @@ CdanProcessor.register_for_auto_class("AutoProcessor")
 
 
 __all__ = [
+    "ANONYMISATION_MARK",
     "REPORT_CLEANERS",
     "CdanImageProcessor",
     "CdanProcessor",

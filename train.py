@@ -48,6 +48,7 @@ from transformers import EvalPrediction, HfArgumentParser, Seq2SeqTrainingArgume
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_cdan import MODEL_SIZES, CdanConfig
+from consistency_cdan import build_observation_sentences
 from data_cdan import load_cdan_dataset
 from evaluation_cdan import (
     PUBLISHED_IU_XRAY,
@@ -84,6 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "config_overrides": "d_model=128,encoder_ffn_dim=256,decoder_ffn_dim=256,encoder_layers=3,decoder_layers=3,"
         "encoder_attention_heads=4,decoder_attention_heads=4,reverse_attention_heads=4",
         "text_encoder": "offline-minilm",
+        "diagnosis_prompt": True,  # not in the paper: `--diagnosis_prompt False --observation_sentences False` for it
+        "observation_sentences": True,
         "vocabulary_threshold": 3,
         "max_length": 60,
         "num_views": 2,
@@ -147,7 +150,8 @@ Recipes. IU X-Ray and MIMIC-CXR follow R2Gen (MIMIC batch 32 instead of R2Gen's 
 small configuration (ResNet-10t from scratch at 96 px, width 128) that trains in about 10 minutes on 2 cores. Its
 extractor is warmed up on the CheXpert labels (`visual_warmup_epochs`), then frozen with its features cached, and the
 checkpoint is chosen on validation CE macro-F1, because BLEU-4 prefers the early checkpoints that write one report for
-every study.
+every study. The demo also switches on the two options that carry the classifier's decisions into the text (the
+diagnosis prompt and the sentence-level agreement with the classifier), which the paper's CDAN does not have.
 """
 
 COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
@@ -193,6 +197,21 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "Comma-separated CdanConfig overrides, e.g. 'd_model=256,encoder_layers=2'."}
     )
+    diagnosis_prompt: bool = field(
+        default=False,
+        metadata={"help": "Diagnosis-guided decoding (CdanConfig.use_diagnosis_prompt): the decoder reads the "
+                  "classifier's per-observation decision as prompt vectors. Not in the paper; needs reverse attention."},
+    )  # fmt: skip
+    observation_sentences: bool = field(
+        default=False,
+        metadata={"help": "After training, set CdanConfig.observation_sentences from the training reports, so reports "
+                  "are edited to agree with the classifier (consistency_cdan.py). Not in the paper."},
+    )  # fmt: skip
+    mlc_loss: str | None = field(
+        default=None,
+        metadata={"help": "L_mlc: 'bce' (the paper), 'weighted_bce' or 'asymmetric' (label-balanced, for rare "
+                  "findings). Default: the configuration's ('bce')."},
+    )  # fmt: skip
     text_encoder: str = field(
         default=CLINICAL_BERT,
         metadata={"help": "Frozen BERT-family encoder for the SC target: Hub id or local path; 'offline-minilm' "
@@ -293,10 +312,23 @@ def apply_decoding_options(model: CdanForConditionalGeneration, training_args: C
 def build_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int) -> CdanConfig:
     """
     The configuration of the model to train: the checkpoint's when fine-tuning, otherwise the ablation row and model
-    size, then `--config_overrides`. What the model computes (semantic consistency on or off, ...) is read from here.
+    size, `--diagnosis_prompt` and `--mlc_loss`, then `--config_overrides`. What the model computes (semantic
+    consistency on or off, ...) is read from here.
     """
     if model_args.model_name_or_path:
-        return CdanConfig.from_pretrained(model_args.model_name_or_path)
+        config = CdanConfig.from_pretrained(model_args.model_name_or_path)
+        if model_args.diagnosis_prompt and not config.use_diagnosis_prompt:
+            raise ValueError(
+                f"{model_args.model_name_or_path} was trained without the diagnosis prompt; --diagnosis_prompt only "
+                "applies to a new model."
+            )
+        if model_args.mlc_loss is not None:
+            config.mlc_loss = model_args.mlc_loss
+            config.validate_mlc_loss()
+        return config
+    options = {"use_diagnosis_prompt": True} if model_args.diagnosis_prompt else {}
+    if model_args.mlc_loss is not None:
+        options["mlc_loss"] = model_args.mlc_loss
     config = CdanConfig.from_ablation(
         model_args.ablation,
         **MODEL_SIZES[model_args.model_size],
@@ -304,9 +336,11 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, vocab_siz
         visual_extractor_weights=model_args.visual_extractor_weights,
         num_views=data_args.num_views,
         vocab_size=vocab_size,
+        **options,
     )
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
+        config.validate_architecture()
     return config
 
 
@@ -374,6 +408,19 @@ def set_observation_thresholds(
     )
     logger.info(f"Observation thresholds (logits) calibrated on {len(validation)} validation studies: {thresholds}")
     return model.config.observation_thresholds
+
+
+def set_observation_sentences(model: CdanForConditionalGeneration, processor: CdanProcessor, train_dataset) -> None:
+    """
+    Set `model.config.observation_sentences` from the cleaned training reports (`build_observation_sentences`), so the
+    test evaluation and the saved checkpoint edit reports to agree with the classifier.
+    """
+    if not model.config.use_reverse_attention:
+        raise ValueError("--observation_sentences edits reports by the classifier's decisions: +RA models only.")
+    training_reports = reference_reports(processor, train_dataset)
+    sentences = build_observation_sentences(training_reports, model.config.observation_names)
+    model.config.observation_sentences = sentences
+    logger.info(f"Observation sentences from {len(train_dataset)} training reports: {sentences}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -446,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_dataset=raw["validation"],
         data_collator=CdanDataCollator(
             processor, augment=data_args.augment, uncertain_label_as=training_args.uncertain_label_as,
-            observation_names=config.observation_names,
+            observation_names=config.observation_names, include_diagnosis_states=config.use_diagnosis_prompt,
         ),  # fmt: skip
         processing_class=processor,
         compute_metrics=build_compute_metrics(processor, raw["validation"]),
@@ -473,6 +520,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         set_observation_thresholds(
             model, raw["validation"], trainer.eval_data_collator, training_args.per_device_eval_batch_size
         )
+    if model_args.observation_sentences:
+        set_observation_sentences(model, processor, raw["train"])
     published = PUBLISHED_IU_XRAY if data_args.dataset_name == "iu_xray" else None
     if training_args.do_predict:
         results = evaluate_split(
@@ -506,5 +555,6 @@ __all__ = [
     "main",
     "match_semantic_dim",
     "parse_arguments",
+    "set_observation_sentences",
     "set_observation_thresholds",
 ]

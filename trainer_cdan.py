@@ -40,8 +40,8 @@ from transformers import AutoModel, AutoTokenizer, Seq2SeqTrainer, Trainer, Trai
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_utils import has_length
 
-from configuration_cdan import CHEXPERT_OBSERVATIONS, CdanConfig
-from labeler_cdan import to_binary
+from configuration_cdan import CHEXPERT_OBSERVATIONS, DIAGNOSIS_STATES, CdanConfig
+from labeler_cdan import POSITIVE, UNCERTAIN, to_binary
 from modeling_cdan import CdanForConditionalGeneration
 from pipeline_cdan import write_pipeline_files
 from processing_cdan import CdanProcessor
@@ -125,6 +125,19 @@ def binary_disease_targets(
     return torch.tensor(targets, dtype=torch.float32)[:, list(observation_indices)]
 
 
+def reference_diagnosis_states(
+    chexpert_labels: Sequence[Sequence[int]], observation_indices: Sequence[int]
+) -> torch.LongTensor:
+    """
+    The reference diagnosis prompt of each study, `(studies, observations)` indices into `DIAGNOSIS_STATES`:
+    POSITIVE -> "positive", UNCERTAIN -> "uncertain", NEGATIVE and NOT_MENTIONED -> "negative".
+    """
+    state_index = {POSITIVE: DIAGNOSIS_STATES.index("positive"), UNCERTAIN: DIAGNOSIS_STATES.index("uncertain")}
+    negative = DIAGNOSIS_STATES.index("negative")
+    rows = [[state_index.get(states[index], negative) for index in observation_indices] for states in chexpert_labels]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), len(observation_indices))
+
+
 def positive_weights_from_labels(
     chexpert_labels: Sequence[Sequence[int]],
     observation_names: Sequence[str],
@@ -195,8 +208,8 @@ def multi_label_loss(logits: torch.Tensor, targets: torch.Tensor, config: CdanCo
 @dataclass
 class CdanDataCollator:
     """
-    Turns dataset rows into a batch: `pixel_values` (or cached `visual_features`), `labels`, `disease_labels` and,
-    when present, `reference_embeddings`.
+    Turns dataset rows into a batch: `pixel_values` (or cached `visual_features`), `labels`, `disease_labels`, when
+    present `reference_embeddings`, and when asked the reference `diagnosis_states` of the diagnosis prompt.
 
     Args:
         processor (`CdanProcessor`): images and report tokenisation.
@@ -205,6 +218,8 @@ class CdanDataCollator:
         include_reports (`bool`): tokenise the reports into `labels`; the visual warm-up needs only images and labels.
         observation_names (`Sequence[str]`): the model's observations (`CdanConfig.observation_names`), in logit
             order; `disease_labels` holds their targets, taken from the rows' 14 CheXpert states.
+        include_diagnosis_states (`bool`): add `diagnosis_states` (see `reference_diagnosis_states`), for models
+            with `use_diagnosis_prompt`.
     """
 
     processor: CdanProcessor
@@ -212,6 +227,7 @@ class CdanDataCollator:
     uncertain_label_as: int = 1
     include_reports: bool = True
     observation_names: Sequence[str] = CHEXPERT_OBSERVATIONS
+    include_diagnosis_states: bool = False
 
     def __post_init__(self):
         unknown = [name for name in self.observation_names if name not in CHEXPERT_OBSERVATIONS]
@@ -231,9 +247,12 @@ class CdanDataCollator:
             batch = dict(
                 self.processor(images=[row["images"] for row in rows], text=texts, do_augment=self.augment)
             )
+        chexpert_labels = [row["chexpert_labels"] for row in rows]
         batch["disease_labels"] = binary_disease_targets(
-            [row["chexpert_labels"] for row in rows], self.observation_indices, self.uncertain_label_as
+            chexpert_labels, self.observation_indices, self.uncertain_label_as
         )
+        if self.include_diagnosis_states:
+            batch["diagnosis_states"] = reference_diagnosis_states(chexpert_labels, self.observation_indices)
         if "reference_embedding" in rows[0] and self.include_reports:
             batch["reference_embeddings"] = torch.tensor([row["reference_embedding"] for row in rows])
         return batch
@@ -303,7 +322,8 @@ class CdanTrainer(Seq2SeqTrainer):
     `pipeline("image-to-text", trust_remote_code=True)` loads.
     """
 
-    extra_input_names = ("disease_labels", "reference_embeddings")
+    extra_input_names = ("disease_labels", "reference_embeddings", "diagnosis_states")
+    """Training-only inputs: validation generation never sees them (the diagnosis prompt comes from the classifier)."""
 
     def __init__(self, *args, eval_data_collator: CdanDataCollator | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -661,6 +681,7 @@ __all__ = [
     "offline_text_encoder_path",
     "plot_training_curves",
     "positive_weights_from_labels",
+    "reference_diagnosis_states",
     "warm_up_visual_extractor",
     "write_weight_checksum",
 ]

@@ -18,6 +18,7 @@ from data_cdan import load_cdan_dataset
 from evaluation_cdan import PUBLISHED_IU_XRAY, evaluate_split, markdown_table
 from modeling_cdan import CdanForConditionalGeneration
 from processing_cdan import CdanProcessor
+from train import set_observation_sentences
 
 
 @dataclass
@@ -38,6 +39,11 @@ class EvaluationArguments:
         metadata={"help": "Beam search ranks finished reports by log-probability / length ** length_penalty; the "
                   "checkpoint's by default."},
     )  # fmt: skip
+    observation_sentences: bool = field(
+        default=False,
+        metadata={"help": "Edit the reports to agree with the classifier (consistency_cdan.py), with sentences taken "
+                  "from the data set's training reports; the checkpoint's setting by default."},
+    )  # fmt: skip
     batch_size: int = field(default=16, metadata={"help": "Studies per generate() call."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N studies."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write; default <model>/eval_<split>."})
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_samples is not None:
         split = dataset_dict[args.split]
         dataset_dict[args.split] = split.select(range(min(args.max_samples, len(split))))
+    if args.observation_sentences:
+        set_observation_sentences(model, processor, dataset_dict["train"])
     published = PUBLISHED_IU_XRAY if args.dataset_name == "iu_xray" else None
     generation_kwargs = {"num_beams": args.num_beams}
     for name in ("max_length", "no_repeat_ngram_size", "length_penalty"):  # unset: the checkpoint's generation_config

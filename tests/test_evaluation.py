@@ -1,10 +1,12 @@
 """NLG metrics against pycocoevalcap, clinical efficacy, and the reference points (CPU, offline)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -25,6 +27,7 @@ from evaluation_cdan import (
     shuffled_image_predictions,
     write_evaluation,
 )
+import evaluation_cdan
 from labeler_cdan import CHEXPERT_OBSERVATIONS
 from processing_cdan import clean_report_iu_xray
 
@@ -250,3 +253,56 @@ def test_example_based_scores_count_a_study_without_positives_on_either_side_as_
     predictions = ["possible pneumonia .", "the lungs are clear ."]
     scores = compute_clinical_efficacy(references, predictions)
     assert scores["CE example-P"] == scores["CE example-R"] == scores["CE example-F1"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The classifier beside the reports
+# ---------------------------------------------------------------------------------------------------------------------
+
+CLASSIFIER_REFERENCES = [
+    "mild cardiomegaly . small left pleural effusion .",
+    "mild cardiomegaly .",
+    "the lungs are clear .",
+    "small left pleural effusion .",
+]
+
+
+def classifier_logits(
+    cardiomegaly: list[float], effusion: list[float], no_finding: list[float] | None = None
+) -> np.ndarray:
+    """Logits of the 14 observations (all -5), with the given Cardiomegaly, Pleural Effusion (No Finding) columns."""
+    logits = np.full((len(cardiomegaly), 14), -5.0)
+    if no_finding is not None:
+        logits[:, CHEXPERT_OBSERVATIONS.index("No Finding")] = no_finding
+    logits[:, CHEXPERT_OBSERVATIONS.index("Cardiomegaly")] = cardiomegaly
+    logits[:, CHEXPERT_OBSERVATIONS.index("Pleural Effusion")] = effusion
+    return logits
+
+
+def test_classifier_scores_are_on_the_scale_of_the_reports_ce_macro_f1():
+    perfect = classifier_logits([3, 3, -3, -3], [3, -3, -3, 3], no_finding=[-3, -3, 3, -3])
+    scores = evaluation_cdan.classifier_scores(perfect, CLASSIFIER_REFERENCES)
+    as_reports = compute_clinical_efficacy(CLASSIFIER_REFERENCES, CLASSIFIER_REFERENCES)["CE macro-F1"]
+    assert scores["classifier macro-F1"] == pytest.approx(as_reports)  # the same 14-observation average
+
+
+def test_classifier_scores_apply_each_observations_threshold():
+    logits = classifier_logits([1.0, 1.0, 0.5, 0.5], [3, -3, -3, 3])  # Cardiomegaly separable only above 0.75
+    thresholds = [0.0] * 14
+    untuned = evaluation_cdan.classifier_scores(logits, CLASSIFIER_REFERENCES, thresholds=thresholds)
+    thresholds[CHEXPERT_OBSERVATIONS.index("Cardiomegaly")] = 0.75
+    tuned = evaluation_cdan.classifier_scores(logits, CLASSIFIER_REFERENCES, thresholds=thresholds)
+    assert tuned["classifier macro-F1"] == pytest.approx(2 / 14)
+    assert untuned["classifier macro-F1"] == pytest.approx((1 + 2 / 3) / 14)
+
+
+def test_classifier_auroc_averages_observations_with_enough_positives():
+    logits = classifier_logits([2, 1, 0, -1], [0, 1, 2, 3])  # Cardiomegaly ranked perfectly, effusion 2 of 4 pairs
+    scores = evaluation_cdan.classifier_scores(logits, CLASSIFIER_REFERENCES, min_positives_for_auroc=2)
+    assert scores["classifier mean AUROC"] == pytest.approx((1.0 + 0.5) / 2)
+    assert math.isnan(evaluation_cdan.classifier_scores(logits, CLASSIFIER_REFERENCES)["classifier mean AUROC"])
+
+
+def test_classifier_scores_refuse_logits_of_another_shape():
+    with pytest.raises(ValueError, match="4 studies, 14 observations"):
+        evaluation_cdan.classifier_scores(np.zeros((3, 14)), CLASSIFIER_REFERENCES)

@@ -146,3 +146,36 @@ def test_return_labels_without_reverse_attention_is_rejected():
         reporter(STUDIES[0], return_labels=True)
     with pytest.raises(ValueError, match="reverse-attention"):
         CdanReportPipeline(model=reporter.model, processor=processor, return_labels=True)
+
+
+def test_return_labels_are_uncertain_within_the_margin(reporter):
+    config = reporter.model.config
+    study_logits = study_disease_logits(reporter, STUDIES[0])
+    config.observation_thresholds = [float(study_logits[0]) + 0.1] + [0.0] * 13
+    config.diagnosis_uncertainty_margin = 0.5
+    try:
+        [result] = reporter(STUDIES[0], return_labels=True)
+    finally:
+        config.observation_thresholds, config.diagnosis_uncertainty_margin = None, 0.0
+    assert result["labels"][config.observation_names[0]] == "uncertain"
+
+
+def test_return_labels_of_a_prompt_model_are_the_decisions_its_decoder_read(tmp_path):
+    from transformers import pipeline
+
+    from pipeline_cdan import save_checkpoint
+
+    processor = tiny_processor()
+    torch.manual_seed(0)
+    model = CdanForConditionalGeneration(
+        tiny_config(vocab_size=len(processor.tokenizer), init_std=0.5, tie_word_embeddings=False,
+                    use_diagnosis_prompt=True)
+    ).eval()  # fmt: skip
+    save_checkpoint(model, processor, tmp_path)
+    remote = pipeline("image-to-text", model=str(tmp_path), trust_remote_code=True)
+    [result] = remote(STUDIES[0], return_labels=True)
+    pixel_values = processor(images=[[str(FRONTAL)]], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values, decoder_input_ids=torch.ones(1, 1, dtype=torch.long))
+    read_by_decoder = [("negative", "positive", "uncertain")[state] for state in outputs.diagnosis_states[0].tolist()]
+    assert list(result["labels"].values()) == read_by_decoder

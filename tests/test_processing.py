@@ -568,9 +568,17 @@ def test_a_url_is_named_whole_and_not_fetched():
         load_image("https://example.org/cxr/frontal.png")
 
 
-def test_a_dicom_file_is_named_as_dicom_with_a_way_to_convert_it():
-    with pytest.raises(ValueError, match=rf"{DICOM_FILE.name} is a DICOM file.*pydicom"):
-        load_image(DICOM_FILE)
+def test_a_dicom_file_is_read_with_pydicom():
+    image = load_image(DICOM_FILE)  # the SIIM-ACR DICOM: JPEG Baseline, 8-bit MONOCHROME2, 1024 x 1024
+    assert (image.mode, image.size) == ("RGB", (1024, 1024))
+
+
+def test_a_dicom_file_reaches_the_normalisation_as_floats():
+    processor = CdanImageProcessor(image_size=IMAGE_SIZE, num_views=1)
+    from_path = processor(images=str(DICOM_FILE), return_tensors="pt")["pixel_values"]
+    from_8_bit = processor(images=load_image(DICOM_FILE), return_tensors="pt")["pixel_values"]
+    assert from_path.shape == (1, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.allclose(from_path, from_8_bit, atol=0.05)  # same picture; resized from floats, not 8-bit PIL
 
 
 @pytest.mark.parametrize("name", list(DEGENERATE_IMAGES))

@@ -9,7 +9,11 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 MODULES = [
+    "cli_cdan",
     "configuration_cdan",
+    "consistency_cdan",
+    "dicom_cdan",
+    "priorrg_modules",
     "modeling_cdan",
     "processing_cdan",
     "pipeline_cdan",

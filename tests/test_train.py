@@ -529,7 +529,9 @@ def test_validation_metrics_equal_the_final_evaluation_of_the_same_reports(tmp_p
         EvalPrediction(predictions=predictions, label_ids=labels)
     )
     generated_texts = processor.batch_decode(predictions)
-    monkeypatch.setattr(evaluation_cdan, "generate_reports", lambda *args, **kwargs: generated_texts)
+    monkeypatch.setattr(  # a model without the classifier: reports, no disease logits
+        evaluation_cdan, "generate_reports_and_disease_logits", lambda *args, **kwargs: (generated_texts, None)
+    )
     final = evaluation_cdan.evaluate_split(
         None, processor, dataset_dict, tmp_path / "evaluation", split="validation", with_meteor=False
     )["CDAN (this run)"]
@@ -628,3 +630,46 @@ def test_main_saves_the_decoding_options_in_generation_config(r2gen_fixture, tmp
     )
     saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
     assert (saved["no_repeat_ngram_size"], saved["length_penalty"]) == (3, 0.5)
+
+
+def test_diagnosis_prompt_and_mlc_loss_flags_build_the_config_and_feed_the_collator(
+    r2gen_fixture, tmp_path, monkeypatch
+):
+    RecordingTrainer.instances = []
+    monkeypatch.setattr(train, "CdanTrainer", RecordingTrainer)
+    run_main_for_one_step(
+        r2gen_fixture, tmp_path / "run", "use_semantic_consistency=False", "--diagnosis_prompt", "True",
+        "--mlc_loss", "asymmetric",
+    )  # fmt: skip
+    [trainer] = RecordingTrainer.instances
+    config = trainer.model.config
+    assert (config.use_diagnosis_prompt, config.mlc_loss) == (True, "asymmetric")
+    row = {**trainer.train_dataset[0], "chexpert_labels": [1] + [-1] * 13}  # POSITIVE, then UNCERTAIN
+    states = trainer.data_collator([row])["diagnosis_states"]
+    assert states.tolist() == [[1] + [2] * 13]
+    assert "diagnosis_states" not in trainer.eval_data_collator([row])
+
+
+def test_diagnosis_prompt_flag_is_refused_for_a_checkpoint_trained_without_it(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    model_args, data_args, _ = parse_arguments(["--model_name_or_path", str(tmp_path), "--diagnosis_prompt", "True"])
+    with pytest.raises(ValueError, match="without the diagnosis prompt"):
+        train.build_config(model_args, data_args, vocab_size=40)
+
+
+@pytest.mark.parametrize("preset, options_on", [("demo", True), ("iu_xray", False), ("mimic_cxr", False)])
+def test_only_the_demo_preset_switches_on_the_options_outside_the_paper(preset, options_on):
+    model_args, _, _ = parse_arguments(["--preset", preset])
+    assert (model_args.diagnosis_prompt, model_args.observation_sentences) == (options_on, options_on)
+    assert model_args.mlc_loss is None
+
+
+def test_observation_sentences_flag_saves_sentences_from_the_training_reports(r2gen_fixture, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "ReportEmbedder", FixedWidthEmbedder)
+    run_main_for_one_step(r2gen_fixture, tmp_path / "run", "dropout=0.0", "--observation_sentences", "True")
+    sentences = json.loads((tmp_path / "run" / "config.json").read_text())["observation_sentences"]
+    training_text = " ".join(
+        train.CdanProcessor.from_pretrained(tmp_path / "run").clean_report(entry["report"])
+        for entry in json.loads((r2gen_fixture / "annotation.json").read_text())["train"]
+    )
+    assert sentences and all(sentence in training_text for sentence in sentences.values())
