@@ -694,20 +694,29 @@ class CdanDecoderLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = True,
+        output_attentions: bool = False,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """
+        Returns the new hidden states `(B, T, C)`, and with `output_attentions=True` also the cross-attention weights
+        over `encoder_hidden_states`, `(B, H, T, S)`.
+        """
         attn_output, _ = self.self_attn(
             self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask
         )
         hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
-        cross_output, _ = self.encoder_attn(
+        cross_output, cross_weights = self.encoder_attn(
             self.encoder_attn_layer_norm(hidden_states),
             key_value_states=encoder_hidden_states,
             cache=cache,
+            output_attentions=output_attentions,
         )
         hidden_states = hidden_states + nn.functional.dropout(cross_output, p=self.dropout, training=self.training)
         ffn_output = self.feed_forward(self.final_layer_norm(hidden_states))
-        return hidden_states + nn.functional.dropout(ffn_output, p=self.dropout, training=self.training)
+        hidden_states = hidden_states + nn.functional.dropout(ffn_output, p=self.dropout, training=self.training)
+        if output_attentions:
+            return hidden_states, cross_weights
+        return hidden_states
 
 
 class CdanPreTrainedModel(PreTrainedModel):
@@ -892,9 +901,14 @@ class CdanDecoder(CdanPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         diagnosis_states: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
         r"""
+        output_attentions (`bool`, *optional*):
+            Return the cross-attention weights of every layer in `cross_attentions`, each of shape
+            `(batch_size, num_heads, target_length, memory_length)` (report tokens only: no diagnosis-prompt rows).
+            They are computed with the eager kernel; without this option the cross-attention path is unchanged.
         diagnosis_states (`torch.LongTensor` of shape `(num_studies, num_observations)`, *optional*):
             The diagnosis prompt (indices into `DIAGNOSIS_STATES`), read when the cache is empty; required then with
             `use_diagnosis_prompt`. `num_studies` may divide the batch (beams of one study share their prompt).
@@ -938,16 +952,23 @@ class CdanDecoder(CdanPreTrainedModel):
 
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         all_hidden_states = () if output_hidden_states else None
+        all_cross_attentions = () if output_attentions else None
         for decoder_layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = decoder_layer(  # Eq. (20): masked self-attention, cross-attention to u_s, feed-forward
+            layer_outputs = decoder_layer(  # Eq. (20): masked self-attention, cross-attention to u_s, feed-forward
                 hidden_states,
                 causal_mask,
                 encoder_hidden_states,  # positional, for gradient checkpointing
                 cache=cache,
                 use_cache=use_cache,
+                output_attentions=bool(output_attentions),
             )
+            if output_attentions:
+                hidden_states, cross_weights = layer_outputs  # (B, H, O + T, S) with a prompt read, else (B, H, T, S)
+                all_cross_attentions += (cross_weights[:, :, new_prompt_length:],)  # report tokens only
+            else:
+                hidden_states = layer_outputs
         hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -959,6 +980,7 @@ class CdanDecoder(CdanPreTrainedModel):
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
             decoder_hidden_states=all_hidden_states,
+            cross_attentions=all_cross_attentions,
         )
 
 
@@ -1040,12 +1062,14 @@ class CdanModel(CdanPreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             diagnosis_states=diagnosis_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         return CdanSeq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
             cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.decoder_hidden_states,
+            cross_attentions=decoder_outputs.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
             disease_logits=encoder_outputs.disease_logits,
@@ -1274,7 +1298,8 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*):
             Target report tokens ending in `eos`, padded with `-100`.
         output_attentions (`bool`, *optional*):
-            Return the positive and negative attention weights.
+            Return the positive and negative attention weights, and the decoder's cross-attention weights over the
+            encoded `u_s` in `cross_attentions` (one `(batch_size, num_heads, target_length, 2N + k)` per layer).
         visual_features (`torch.FloatTensor` of shape `(batch_size, num_patches, num_features)`, *optional*):
             Cached visual-extractor features, used instead of `pixel_values` (frozen-extractor training).
         diagnosis_states (`torch.LongTensor` of shape `(batch_size, num_observations)`, *optional*):
@@ -1317,6 +1342,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             logits=logits,
             cache=outputs.cache,
             decoder_hidden_states=outputs.decoder_hidden_states,
+            cross_attentions=outputs.cross_attentions,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
             disease_logits=outputs.disease_logits,

@@ -33,13 +33,27 @@ from transformers.utils import logging
 try:
     from .configuration_cdan import DIAGNOSIS_STATES
     from .consistency_cdan import align_reports_with_classifier
+    from .heatmaps_cdan import (
+        feature_grid,
+        group_sentences,
+        patch_maps_from_memory_weights,
+        reverse_attention_maps,
+        token_cross_attention,
+    )
 except ImportError:
     from configuration_cdan import DIAGNOSIS_STATES
     from consistency_cdan import align_reports_with_classifier
+    from heatmaps_cdan import (
+        feature_grid,
+        group_sentences,
+        patch_maps_from_memory_weights,
+        reverse_attention_maps,
+        token_cross_attention,
+    )
 
 logger = logging.get_logger(__name__)
 
-PIPELINE_MODULE_FILES = ("pipeline_cdan.py", "consistency_cdan.py", "labeler_cdan.py")
+PIPELINE_MODULE_FILES = ("pipeline_cdan.py", "consistency_cdan.py", "labeler_cdan.py", "heatmaps_cdan.py")
 """The pipeline's remote code and the modules it imports that a saved model does not already carry."""
 
 MIN_TRANSFORMERS_VERSION = "5.24.0"
@@ -80,6 +94,15 @@ class CdanReportPipeline(Pipeline):
     the labels and the report, which is the same as without `return_labels`. Models without reverse attention have
     no classifier and raise `ValueError`.
 
+    `return_attention_maps=True`, at construction or per call, adds where the model looked, as float arrays on each
+    view's `h x w` feature-map grid (see `heatmaps_cdan`): `{"attention_maps": {"positive": [array (h, w) per view],
+    "negative": [...], "sentences": [{"sentence": str, "maps": [array (h, w) per view]}, ...]}}`. `positive` and
+    `negative` are the attention each patch receives in the reverse-attention module (behind `u_p` and `u_n`),
+    averaged over heads and query patches; a sentence's maps are the decoder's cross-attention on each patch's `u_p`
+    and `u_n` tokens (summed), averaged over layers, heads and the sentence's tokens, from one teacher-forced decoder
+    pass over the generated report. The report is the same as without the option. Models without reverse attention
+    raise `ValueError`.
+
     `ban_anonymisation_token=True`, at construction or per call, never writes IU X-Ray's de-identification mark
     `xxxx` (nor the vocabulary words containing it, see [`CdanProcessor.anonymisation_token_ids`]): their ids are
     added to the generation's `suppress_tokens` (on top of any the call or the checkpoint sets), whose logits
@@ -98,6 +121,7 @@ class CdanReportPipeline(Pipeline):
         on_degenerate_image: str | None = None,
         return_labels: bool | None = None,
         ban_anonymisation_token: bool | None = None,
+        return_attention_maps: bool | None = None,
         **generation_parameters,
     ):
         preprocess_params = {} if on_degenerate_image is None else {"on_degenerate_image": on_degenerate_image}
@@ -112,6 +136,14 @@ class CdanReportPipeline(Pipeline):
                 )
             forward_params["return_labels"] = return_labels
         postprocess_params = {} if return_labels is None else {"return_labels": return_labels}
+        if return_attention_maps is not None:
+            if return_attention_maps and not self.model.config.use_reverse_attention:
+                raise ValueError(
+                    "`return_attention_maps=True` draws the reverse-attention maps (u_p, u_n), and this model has no "
+                    "reverse attention (`use_reverse_attention=False`)."
+                )
+            forward_params["return_attention_maps"] = bool(return_attention_maps)
+            postprocess_params["return_attention_maps"] = bool(return_attention_maps)
         return preprocess_params, forward_params, postprocess_params
 
     def __call__(self, inputs: Any = None, **kwargs) -> list:
@@ -163,12 +195,15 @@ class CdanReportPipeline(Pipeline):
         generate_kwargs: dict | None = None,
         return_labels: bool = False,
         ban_anonymisation_token: bool = False,
+        return_attention_maps: bool = False,
     ) -> dict:
         generate_kwargs = generate_kwargs or {}
         overrides = {}
         if ban_anonymisation_token and (suppress_tokens := self.anonymisation_suppress_tokens(generate_kwargs)):
             overrides["suppress_tokens"] = suppress_tokens
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs, **overrides)
+        if return_attention_maps:
+            return self.forward_with_attention_maps(model_inputs["pixel_values"], generate_kwargs)
         if not return_labels and not self.model.config.observation_sentences:
             return {"generated_ids": self.model.generate(**model_inputs, **generate_kwargs)}
         # Encode the image once: the disease logits come from the encoder, whose output `generate` then decodes
@@ -176,7 +211,31 @@ class CdanReportPipeline(Pipeline):
         generated_ids = self.model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
         return {"generated_ids": generated_ids, "disease_logits": encoder_outputs.disease_logits}
 
-    def postprocess(self, model_outputs: dict, return_labels: bool = False) -> list[dict]:
+    def forward_with_attention_maps(self, pixel_values: torch.Tensor, generate_kwargs: dict) -> dict:
+        """
+        Generate as `_forward` does, and compute the attention maps (tensors only, which the pipeline can batch).
+
+        The visual extractor runs once. The report is decoded from the encoder's ordinary output (so it is the text
+        written without the maps); the reverse-attention weights come from a second pass of the layers after the
+        extractor with `output_attentions=True`, and the cross-attention from one teacher-forced decoder pass.
+        """
+        features = feature_grid(self.model, pixel_values)  # ((B, N, C), (h, w))
+        encoder_outputs = self.model.get_encoder()(visual_features=features[0])
+        generated_ids = self.model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
+        reverse_maps = reverse_attention_maps(self.model, pixel_values, features=features)
+        weights = token_cross_attention(self.model, encoder_outputs, generated_ids)  # (S, T, 2N + k)
+        token_maps = patch_maps_from_memory_weights(weights, pixel_values.shape[1], features[1])  # (S, T, V, h, w)
+        return {
+            "generated_ids": generated_ids,
+            "disease_logits": encoder_outputs.disease_logits,
+            "positive_maps": torch.from_numpy(reverse_maps["positive"]),  # (B, V, h, w)
+            "negative_maps": torch.from_numpy(reverse_maps["negative"]),  # (B, V, h, w)
+            "token_maps": token_maps,  # (S, T, V, h, w)
+        }
+
+    def postprocess(
+        self, model_outputs: dict, return_labels: bool = False, return_attention_maps: bool = False
+    ) -> list[dict]:
         reports = self.processor.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
         if "disease_logits" in model_outputs:
             config = self.model.config
@@ -198,6 +257,17 @@ class CdanReportPipeline(Pipeline):
                     name: DIAGNOSIS_STATES[state] for name, state in zip(config.observation_names, decisions[study])
                 }
                 result["probabilities"] = dict(zip(config.observation_names, torch.sigmoid(study_logits).tolist()))
+        if return_attention_maps:
+            sentences = group_sentences(model_outputs["token_maps"], model_outputs["generated_ids"], self.processor)
+            for index, result in enumerate(results):
+                study = index // sequences_per_study
+                result["attention_maps"] = {
+                    "positive": list(model_outputs["positive_maps"][study].numpy()),
+                    "negative": list(model_outputs["negative_maps"][study].numpy()),
+                    "sentences": [
+                        {"sentence": item["sentence"], "maps": list(item["maps"])} for item in sentences[index]
+                    ],
+                }
         return results
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):

@@ -17,6 +17,7 @@ MODULES = [
     "modeling_cdan",
     "processing_cdan",
     "pipeline_cdan",
+    "heatmaps_cdan",
     "labeler_cdan",
     "mesh_cdan",
     "evaluation_cdan",
