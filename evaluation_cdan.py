@@ -519,6 +519,22 @@ def generate_reports(model, processor, dataset, batch_size: int = 16, **generati
     return generate_reports_and_disease_logits(model, processor, dataset, batch_size, **generation_kwargs)[0]
 
 
+def mean_auroc(targets: np.ndarray, scores: np.ndarray, min_positives: int = 1) -> float:
+    """
+    Mean AUROC over the columns of `(studies, observations)` 0/1 `targets` with at least `min_positives` positives and
+    one negative; NaN when no column qualifies.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    targets, scores = np.asarray(targets), np.asarray(scores)
+    aurocs = [
+        roc_auc_score(targets[:, column], scores[:, column])
+        for column in range(targets.shape[1])
+        if min_positives <= targets[:, column].sum() < len(targets)
+    ]
+    return float(np.mean(aurocs)) if aurocs else float("nan")
+
+
 def classifier_scores(
     disease_logits: np.ndarray,
     references: Sequence[str],
@@ -544,8 +560,6 @@ def classifier_scores(
             0.0 for all when `None`.
         min_positives_for_auroc (`int`): see above.
     """
-    from sklearn.metrics import roc_auc_score
-
     disease_logits = np.asarray(disease_logits, dtype=np.float64)
     references = check_references(references)
     if disease_logits.shape != (len(references), len(observation_names)):
@@ -559,14 +573,9 @@ def classifier_scores(
     predicted_labels = np.zeros_like(reference_labels)
     predicted_labels[:, columns] = disease_logits > thresholds
     per_observation = precision_recall_f1(predicted_labels.tolist(), reference_labels.tolist())
-    aurocs = [
-        roc_auc_score(reference_labels[:, column], disease_logits[:, position])
-        for position, column in enumerate(columns)
-        if min_positives_for_auroc <= reference_labels[:, column].sum() < len(references)
-    ]
     return {
         "classifier macro-F1": sum(values["f1"] for values in per_observation.values()) / len(per_observation),
-        "classifier mean AUROC": float(np.mean(aurocs)) if aurocs else float("nan"),
+        "classifier mean AUROC": mean_auroc(reference_labels[:, columns], disease_logits, min_positives_for_auroc),
     }
 
 
@@ -641,6 +650,7 @@ __all__ = [
     "generate_reports_and_disease_logits",
     "macro_f1",
     "markdown_table",
+    "mean_auroc",
     "meteor_score",
     "most_frequent_report",
     "precision_recall_f1",

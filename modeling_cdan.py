@@ -733,6 +733,17 @@ class CdanPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
 
+    def diagnosis_decisions(self, disease_logits: torch.Tensor) -> torch.LongTensor:
+        """
+        The classifier's decision on each observation, `(B, num_observations)` indices into `DIAGNOSIS_STATES`, at the
+        configured `observation_thresholds` and `diagnosis_uncertainty_margin`: what the diagnosis prompt reads, and
+        what the pipeline's `return_labels` reports.
+        """
+        config = self.config
+        return diagnosis_states_from_logits(
+            disease_logits, config.observation_thresholds, config.diagnosis_uncertainty_margin
+        )
+
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
         if isinstance(module, CdanEncoder) and module.segment_embeddings is not None:
@@ -1085,15 +1096,11 @@ class CdanModel(CdanPreTrainedModel):
         """
         The diagnosis prompt of each study, `(num_studies, num_observations)` indices into `DIAGNOSIS_STATES`.
 
-        Without `reference_states` it is the classifier's decision (`diagnosis_states_from_logits` at the
-        configured thresholds), as in generation. Given states are used as they are in eval mode (to condition a
+        Without `reference_states` it is the classifier's decision (`diagnosis_decisions`), as in generation. Given states are used as they are in eval mode (to condition a
         report on a chosen diagnosis), and in training each observation takes the model's own decision with
         probability `diagnosis_prompt_prediction_rate`, the reference otherwise.
         """
-        config = self.config
-        predicted = diagnosis_states_from_logits(
-            disease_logits.detach(), config.observation_thresholds, config.diagnosis_uncertainty_margin
-        )  # (studies, O)
+        predicted = self.diagnosis_decisions(disease_logits.detach())  # (studies, O)
         if reference_states is None:
             return predicted
         if reference_states.shape != predicted.shape:
@@ -1104,7 +1111,8 @@ class CdanModel(CdanPreTrainedModel):
         reference_states = reference_states.to(device=predicted.device, dtype=torch.long)
         if not self.training:
             return reference_states
-        use_prediction = torch.rand(predicted.shape, device=predicted.device) < config.diagnosis_prompt_prediction_rate
+        rate = self.config.diagnosis_prompt_prediction_rate
+        use_prediction = torch.rand(predicted.shape, device=predicted.device) < rate
         return torch.where(use_prediction, predicted, reference_states)
 
 
@@ -1250,17 +1258,6 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         """
         cache.self_attention_cache.reorder_cache(beam_idx)
         return cache
-
-    def diagnosis_decisions(self, disease_logits: torch.Tensor) -> torch.LongTensor:
-        """
-        The classifier's decision on each observation, `(B, num_observations)` indices into `DIAGNOSIS_STATES`, at the
-        configured `observation_thresholds` and `diagnosis_uncertainty_margin`: what the diagnosis prompt reads, and
-        what the pipeline's `return_labels` reports.
-        """
-        config = self.config
-        return diagnosis_states_from_logits(
-            disease_logits, config.observation_thresholds, config.diagnosis_uncertainty_margin
-        )
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)

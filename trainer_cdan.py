@@ -33,13 +33,13 @@ import datasets
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import SequentialSampler
 from transformers import AutoModel, AutoTokenizer, Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_utils import has_length
 
+import evaluation_cdan
 from configuration_cdan import CHEXPERT_OBSERVATIONS, DIAGNOSIS_STATES, CdanConfig
 from labeler_cdan import POSITIVE, UNCERTAIN, to_binary
 from modeling_cdan import CdanForConditionalGeneration
@@ -504,14 +504,8 @@ class VisualWarmupModel(nn.Module):
 
 
 def mean_auroc(prediction) -> dict[str, float]:
-    """Mean AUROC over the observations that have both classes in the evaluation split."""
-    scores, labels = prediction.predictions, prediction.label_ids
-    aurocs = [
-        roc_auc_score(labels[:, index], scores[:, index])
-        for index in range(labels.shape[1])
-        if 0 < labels[:, index].sum() < len(labels)
-    ]
-    return {"mean_AUROC": float(np.mean(aurocs)) if aurocs else float("nan")}
+    """The warm-up's `compute_metrics`: mean AUROC over the observations that have both classes."""
+    return {"mean_AUROC": evaluation_cdan.mean_auroc(prediction.label_ids, prediction.predictions)}
 
 
 def warm_up_visual_extractor(

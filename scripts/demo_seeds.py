@@ -103,7 +103,7 @@ def decode_again(run: dict, variant: str, seed: int, output_dir: Path, threads: 
     if not metrics_path.exists():
         command = [sys.executable, "scripts/evaluate.py", "--model", str(run["dir"]), "--dataset_name", "demo",
                    "--output_dir", str(eval_dir), "--seed", str(seed), *DECODING_VARIANTS[variant]]  # fmt: skip
-        log_path = output_dir / "logs" / f"{slug(run['variant'])}_{slug(variant)}_seed{seed}.log"
+        log_path = output_dir / "logs" / f"{run['dir'].parent.name}_{slug(variant)}_seed{seed}.log"
         run_logged(command, log_path, threads)
     return {"metrics": json.loads(metrics_path.read_text()), "timing": None}
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: dict[str, list[dict]] = {}
     jobs = [(variant, seed) for variant in args.variants for seed in args.seeds]
     for variant, seed in tqdm(jobs, desc="Demo runs", unit="run"):
-        run = {**train_once(variant, seed, output_dir, extra_arguments, args.threads_per_run), "variant": variant}
+        run = train_once(variant, seed, output_dir, extra_arguments, args.threads_per_run)
         rows.setdefault(variant, []).append(run)
         for decoding in args.decoding_variants:
             decoded = decode_again(run, decoding, seed, output_dir, args.threads_per_run)

@@ -38,9 +38,6 @@ NIH_BBOX_FILE = LOCALIZATION / "nih_chestxray14" / "BBox_List_2017.csv"
 TBX11K = LOCALIZATION / "tbx11k_sample"
 TBX11K_JSON = TBX11K / "annotations" / "json" / "TBX11K_train.json"
 
-needs_shared_boxes = pytest.mark.skipif(
-    not (NIH_BBOX_FILE.is_file() and TBX11K_JSON.is_file()), reason="shared cxr_localization data not available"
-)
 
 
 def write_vindr_csv(path, rows, columns=VINDR_COLUMNS, encoding="utf-8"):
@@ -82,7 +79,6 @@ def test_lesion_box_rejects_an_unknown_source():
 # NIH ChestX-ray14 (real file)
 
 
-@needs_shared_boxes
 def test_read_nih_boxes_counts_match_the_real_file():
     with open(NIH_BBOX_FILE, newline="") as file:
         rows = list(csv.reader(file))[1:]
@@ -93,7 +89,6 @@ def test_read_nih_boxes_counts_match_the_real_file():
     assert {item.label for image_boxes in boxes.values() for item in image_boxes} == set(NIH_LABELS)
 
 
-@needs_shared_boxes
 def test_read_nih_boxes_converts_xywh_to_xyxy():
     with open(NIH_BBOX_FILE, newline="") as file:
         first = list(csv.reader(file))[1]
@@ -101,7 +96,6 @@ def test_read_nih_boxes_converts_xywh_to_xyxy():
     assert read_nih_boxes(NIH_BBOX_FILE)[first[0]][0] == LesionBox(x, y, x + width, y + height, label=first[1])
 
 
-@needs_shared_boxes
 def test_real_nih_boxes_all_lie_in_the_nih_png():
     report = BoxCleaningReport()
     for image_boxes in read_nih_boxes(NIH_BBOX_FILE).values():
@@ -133,7 +127,6 @@ def test_read_nih_boxes_names_the_line_of_an_unparsable_number(tmp_path):
 # TBX11K COCO JSON (real file)
 
 
-@needs_shared_boxes
 def test_read_coco_boxes_on_the_real_tbx11k_sample():
     content = json.loads(TBX11K_JSON.read_text())
     boxes = read_coco_boxes(TBX11K_JSON)
@@ -147,7 +140,6 @@ def test_read_coco_boxes_on_the_real_tbx11k_sample():
     assert boxes["tb/tb0005.png"][0].xyxy == (x, y, x + width, y + height)
 
 
-@needs_shared_boxes
 def test_read_coco_image_sizes_match_the_real_pngs():
     sizes = read_coco_image_sizes(TBX11K_JSON)
     for file_name, size in sizes.items():

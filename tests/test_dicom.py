@@ -257,8 +257,7 @@ def test_rle_compressed_16_bit_decodes_like_the_native_file(tmp_path):
 
 
 def test_jpeg2000_lossless_16_bit_decodes_like_the_native_file(tmp_path):
-    if not pydicom.pixels.get_encoder(JPEG2000Lossless).is_available:
-        pytest.skip("JPEG 2000 encoding needs pylibjpeg and pylibjpeg-openjpeg")
+    assert pydicom.pixels.get_encoder(JPEG2000Lossless).is_available, "the `dicom` extra (pylibjpeg-openjpeg)"
     stored = ramp(0, 65535, side=64)  # openjpeg's default 6 resolution levels need at least 32 px a side
     dataset = build_dataset(stored)
     dataset.compress(JPEG2000Lossless, generate_instance_uid=False)

