@@ -3,20 +3,28 @@
     cdan-report --model outputs/demo --inputs scans/ --output reports.jsonl
     cdan-report --model outputs/demo --inputs studies.csv --output reports.jsonl --batch_size 16 --num_beams 3
     cdan-report --model outputs/demo --inputs a.png b.png --output reports.jsonl --ban_anonymisation_token
+    cdan-report --model outputs/demo --inputs scans/ --output reports.jsonl --precision int8 --compile true
 
 Inputs (`--inputs`, one or more, mixed freely):
 
-- a folder of images (PNG, JPEG, BMP, TIFF; `.dcm` files are listed and get an error row, DICOM is not read yet).
+- a folder of images (PNG, JPEG, BMP, TIFF, DICOM `.dcm`; DICOM is read by its header, see `dicom_cdan`).
   `--group_by file`: every image file in the folder tree is a one-view study, its id the file's path relative to
   the folder (`p1/frontal.png`). `--group_by folder`: every folder that directly holds images is one study, its
   images (sorted by name) the views, its id the folder's relative path (the folder's own name for images at the top).
   `--group_by auto` (the default): `folder` when the folder has sub-folders, otherwise `file`;
-- a CSV manifest (`.csv`) with columns `id` and `images` (paths separated by `;` or `|`), optionally `indication`;
+- a CSV manifest (`.csv`) with columns `id` and `images` (paths separated by `;` or `|`), optionally `indication`,
+  `history`, `view_positions` and `prior_images` (both separated like `images`);
 - a JSON-lines manifest (`.jsonl`), one object per line with keys `id` and `images` (a list of paths, or one path),
-  optionally `indication`. Relative paths in a manifest are relative to the manifest's folder;
+  optionally `indication`, `history`, `view_positions` (a list) and `prior_images` (the prior study's paths).
+  Relative paths in a manifest are relative to the manifest's folder;
 - an image file: a one-view study whose id is the path as given.
 
-`indication`, when given, is copied to the study's output row (the model does not read it yet).
+`indication` and `history`, when given, are copied to the study's output row. A model that reads them (PriorRG, or
+CDAN with `use_clinical_context` / `use_prior_study`) also gets them, the view positions and the prior study (a study
+without them is read as such); another model ignores them with a warning.
+
+`--precision int8|bf16` and `--compile true` run a faster CPU variant of the model (`inference_cdan.py`; bf16 only on
+CPUs with AVX512-BF16 or AMX, otherwise exit status 2); its reports can differ slightly from float32 ones.
 
 Output (`--output`, JSON lines): one row per study, `{"id", "indication" (when given), "report", "labels",
 "probabilities", "seconds"}`. `labels` and `probabilities` are the reverse-attention classifier's CheXpert labels (see
@@ -51,15 +59,16 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PretrainedConfig
 
 from modeling_cdan import CdanForConditionalGeneration
+from modeling_priorrg import PriorRGForConditionalGeneration
 from pipeline_cdan import CdanReportPipeline
 from processing_cdan import CdanProcessor
 
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
-"""File suffixes (lower case) taken as images in an input folder; DICOM is listed so that it gets an error row."""
+"""File suffixes (lower case) taken as images in an input folder (a DICOM file is also read without its suffix when
+named in a manifest)."""
 
 MANIFEST_COLUMNS = ("id", "images")
 """The columns (CSV) or keys (JSON lines) every manifest needs; `indication` is optional."""
@@ -103,6 +112,12 @@ class ReportArguments:
         default=None,
         metadata={"help": "CPU threads of torch (torch.set_num_threads); 1 is much faster on a busy shared machine."},
     )
+    precision: Literal["fp32", "bf16", "int8"] = field(
+        default="fp32",
+        metadata={"help": "fp32; bf16 autocast (CPUs with AVX512-BF16 or AMX only); int8 dynamic quantisation of "
+                  "the linear layers. See inference_cdan.py."},
+    )  # fmt: skip
+    compile: bool = field(default=False, metadata={"help": "Compile the visual extractor with torch.compile."})
 
 
 @dataclass
@@ -114,13 +129,27 @@ class Study:
         id (`str`): the study's id, unique across the inputs.
         images (`list[str]`): the paths of its views.
         source (`str`): where it was read, for messages (`manifest.csv line 3`).
-        indication (`str`, *optional*): passthrough metadata copied to its output row.
+        indication (`str`, *optional*): the clinical indication, copied to its output row.
+        history (`str`, *optional*): the clinical history, copied to its output row.
+        view_positions (`list[str]`, *optional*): the view position of each image (`"PA"`, `"LATERAL"`, ...).
+        prior_images (`list[str]`, *optional*): the paths of the patient's prior study.
     """
 
     id: str
     images: list[str]
     source: str
     indication: str | None = None
+    history: str | None = None
+    view_positions: list[str] | None = None
+    prior_images: list[str] | None = None
+
+    def pipeline_input(self) -> tuple[str, ...] | dict[str, Any]:
+        """What the pipeline reads: the views, or a study dict when the study has more than its images."""
+        details = {"indication": self.indication, "history": self.history, "view_positions": self.view_positions}
+        details = {key: value for key, value in details.items() if value}
+        if self.prior_images:
+            details["prior"] = {"images": self.prior_images}
+        return {"images": list(self.images), **details} if details else tuple(self.images)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,13 +196,34 @@ def manifest_study(record: dict[str, Any], manifest: Path, source: str, images: 
     study_id = "" if study_id is None else str(study_id).strip()
     if not study_id:
         raise ValueError(f"{source} has an empty `id`; every study needs one.")
-    indication = record.get("indication")
     return Study(
         id=study_id,
         images=[str(manifest.parent / image) for image in images],  # an absolute path stays as it is
         source=source,
-        indication=None if indication in (None, "") else str(indication),
+        indication=optional_text(record.get("indication")),
+        history=optional_text(record.get("history")),
+        view_positions=manifest_list(record.get("view_positions"), "view_positions", source) or None,
+        prior_images=[
+            str(manifest.parent / image) for image in manifest_list(record.get("prior_images"), "prior_images", source)
+        ]
+        or None,
     )
+
+
+def optional_text(value: Any) -> str | None:
+    """A manifest's text field: `None` when absent or empty."""
+    return None if value in (None, "") else str(value)
+
+
+def manifest_list(value: Any, key: str, source: str) -> list[str]:
+    """A manifest's list field: a JSON list of strings, or a CSV cell of items separated by `;` or `|`."""
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in CSV_PATH_SEPARATOR.split(value) if item.strip()]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{source}: {key!r} must be a list of strings, got {value!r}.")
+    return value
 
 
 def csv_studies(manifest: Path) -> Iterator[Study]:
@@ -193,7 +243,7 @@ def csv_studies(manifest: Path) -> Iterator[Study]:
 
 
 def jsonl_studies(manifest: Path) -> Iterator[Study]:
-    """The studies of a JSON-lines manifest: one object per line with `id`, `images` (list or one path), `indication`."""
+    """The studies of a JSON-lines manifest: one object per line, with the keys the module docstring lists."""
     with open(manifest, encoding="utf-8") as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
@@ -326,21 +376,39 @@ def check_model_folder(model_folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_reporter(model_folder: str | os.PathLike, device: str | None = None) -> CdanReportPipeline:
+def load_reporter(
+    model_folder: str | os.PathLike, device: str | None = None, precision: str = "fp32", compile: bool = False
+) -> CdanReportPipeline:
     """
     The report pipeline of a local checkpoint folder, with this library's classes (no remote code is run).
 
     Args:
         model_folder (`str` or `os.PathLike`): the checkpoint folder.
         device (`str`, *optional*): where to run; the first GPU if any, else the CPU.
+        precision (`str`, *optional*, defaults to `"fp32"`): `"fp32"`, `"bf16"` or `"int8"` (see `inference_cdan`).
+        compile (`bool`, *optional*, defaults to `False`): compile the visual extractor.
 
     Raises:
         `FileNotFoundError`: the folder, or its `config.json`, is missing.
     """
     folder = check_model_folder(model_folder)
-    model = CdanForConditionalGeneration.from_pretrained(folder).eval()
+    model = load_report_model(folder)
     processor = CdanProcessor.from_pretrained(folder)
-    return CdanReportPipeline(model=model, processor=processor, device=device)
+    return CdanReportPipeline(model=model, processor=processor, device=device, precision=precision, compile=compile)
+
+
+REPORT_MODEL_CLASSES = {"cdan": CdanForConditionalGeneration, "priorrg": PriorRGForConditionalGeneration}
+"""The report models by the `model_type` of their `config.json`."""
+
+
+def load_report_model(name_or_path: str | os.PathLike):
+    """A CDAN or PriorRG checkpoint in eval mode, by the `model_type` of its `config.json` (no remote code is run)."""
+    model_type = PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+    if model_type not in REPORT_MODEL_CLASSES:
+        raise ValueError(
+            f"{name_or_path} holds a {model_type!r} model; this library reads {sorted(REPORT_MODEL_CLASSES)}."
+        )
+    return REPORT_MODEL_CLASSES[model_type].from_pretrained(name_or_path).eval()
 
 
 def describe_error(error: Exception) -> str:
@@ -360,7 +428,7 @@ def report_rows(reporter: CdanReportPipeline, studies: list[Study], **call_kwarg
     """
     start = time.perf_counter()
     try:
-        results = reporter([tuple(study.images) for study in studies], batch_size=len(studies), **call_kwargs)
+        results = reporter([study.pipeline_input() for study in studies], batch_size=len(studies), **call_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure of one study becomes its error row
         if len(studies) == 1:
             return [{"id": studies[0].id, "error": describe_error(error)}]
@@ -369,8 +437,9 @@ def report_rows(reporter: CdanReportPipeline, studies: list[Study], **call_kwarg
     rows = []
     for study, (result,) in zip(studies, results):
         row: dict[str, Any] = {"id": study.id}
-        if study.indication is not None:
-            row["indication"] = study.indication
+        for name in ("indication", "history"):
+            if getattr(study, name) is not None:
+                row[name] = getattr(study, name)
         row["report"] = result["generated_text"]
         row.update({name: result[name] for name in ("labels", "probabilities") if name in result})
         row["seconds"] = seconds
@@ -403,7 +472,7 @@ def write_reports(args: ReportArguments) -> dict[str, int]:
         return counts
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    reporter = load_reporter(model_folder, device=args.device)
+    reporter = load_reporter(model_folder, device=args.device, precision=args.precision, compile=args.compile)
     call_kwargs: dict[str, Any] = {
         name: getattr(args, name)
         for name in ("num_beams", "max_length", "no_repeat_ngram_size")
@@ -412,7 +481,7 @@ def write_reports(args: ReportArguments) -> dict[str, int]:
     call_kwargs.update(
         ban_anonymisation_token=args.ban_anonymisation_token,
         on_degenerate_image=args.on_degenerate_image,
-        return_labels=args.labels and reporter.model.config.use_reverse_attention,
+        return_labels=args.labels and getattr(reporter.model.config, "use_reverse_attention", False),
     )
     pending = (study for study in iter_studies(args.inputs, args.group_by) if study.id not in finished_ids)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -457,6 +526,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "REPORT_MODEL_CLASSES",
+    "load_report_model",
     "IMAGE_SUFFIXES",
     "ReportArguments",
     "Study",

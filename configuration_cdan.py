@@ -185,6 +185,25 @@ class CdanConfig(PreTrainedConfig):
         diagnosis_uncertainty_margin (`float`, *optional*, defaults to 0.0):
             Logits within this margin of an observation's threshold give the "uncertain" prompt state; 0 gives only
             negative and positive decisions (the reference labels still carry UNCERTAIN in training).
+        use_clinical_context (`bool`, *optional*, defaults to `False`):
+            PriorRG's context branch (not in the CDAN paper): the indication and history, read by a BERT-family text
+            encoder (`context_text_config`), are resampled by a Perceiver into `context_num_latents` latents that
+            join `u_s` before the encoder: `u_s = [u_p; u_n; u_k; ctx]`. Needs the processor's context tokenizer.
+        context_text_config (`dict`, *optional*):
+            The text encoder's configuration (an `AutoConfig` dict with `model_type`); a 6-layer BERT (CXR-BERT cut
+            to 6 layers, as PriorRG) when `None`. `from_backbone_pretrained(context_text_model_name_or_path=...)`
+            loads pre-trained weights.
+        context_num_latents (`int`, *optional*, defaults to 32):
+            Perceiver latents of the context.
+        context_perceiver_depth (`int`, *optional*, defaults to 3):
+            Perceiver layers (8 heads of 64, GEGLU feed-forward, as PriorRG).
+        use_prior_study (`bool`, *optional*, defaults to `False`):
+            PriorRG's temporal fusion (not in the CDAN paper): the prior study's patch features (same extractor and
+            projection, plus a learned "prior" embedding) are read by the current ones through
+            `temporal_fusion_layers` cross-attention blocks before the reverse attention; studies without a prior
+            keep `u` unchanged.
+        temporal_fusion_layers (`int`, *optional*, defaults to 3):
+            Blocks of the temporal fusion.
 
     Example:
 
@@ -247,6 +266,12 @@ class CdanConfig(PreTrainedConfig):
     diagnosis_prompt_memory_dropout: float | int = 0.5
     diagnosis_uncertainty_margin: float | int = 0.0
     observation_sentences: dict[str, str] | None = None
+    use_clinical_context: bool = False
+    context_text_config: dict | None = None
+    context_num_latents: int = 32
+    context_perceiver_depth: int = 3
+    use_prior_study: bool = False
+    temporal_fusion_layers: int = 3
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -258,6 +283,8 @@ class CdanConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.observation_names is None:
             self.observation_names = list(CHEXPERT_OBSERVATIONS[: self.num_observations])
+        if self.use_clinical_context and self.context_text_config is None:
+            self.context_text_config = {"model_type": "bert", "num_hidden_layers": 6}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -285,6 +312,23 @@ class CdanConfig(PreTrainedConfig):
         self.validate_mlc_loss()
         self.validate_observation_thresholds()
         self.validate_diagnosis_prompt()
+        self.validate_prior_context()
+
+    def validate_prior_context(self):
+        """Check the PriorRG switches: the sizes of the context Perceiver and of the temporal fusion."""
+        if self.use_clinical_context:
+            if self.context_num_latents < 1 or self.context_perceiver_depth < 1:
+                raise ValueError(
+                    "`context_num_latents` and `context_perceiver_depth` must be at least 1 with "
+                    f"`use_clinical_context`; got {self.context_num_latents} and {self.context_perceiver_depth}."
+                )
+            if not isinstance(self.context_text_config, dict) or "model_type" not in self.context_text_config:
+                raise ValueError(
+                    "`context_text_config` must be a configuration dict with a `model_type` (e.g. "
+                    "`BertConfig(...).to_dict()`)."
+                )
+        if self.use_prior_study and self.temporal_fusion_layers < 1:
+            raise ValueError(f"`temporal_fusion_layers` must be at least 1, got {self.temporal_fusion_layers}.")
 
     def validate_diagnosis_prompt(self):
         """Check the diagnosis-prompt fields: the prompt reads the reverse-attention classifier."""

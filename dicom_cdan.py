@@ -276,6 +276,12 @@ def read_view_position(dataset: DicomDataset) -> str | None:
     return text or None
 
 
+def read_dicom_view_position(path: str | os.PathLike) -> str | None:
+    """The View Position of a DICOM file, read from its header alone (not its pixel data)."""
+    pydicom = import_pydicom()
+    return read_view_position(pydicom.dcmread(os.fspath(path), stop_before_pixels=True))
+
+
 def lut_output_range(lut_descriptor: Any) -> tuple[float, float]:
     """`(0, 2**bits - 1)` for a LUT Descriptor (entries, first mapped value, bits per entry)."""
     return 0.0, float(2 ** int(lut_descriptor[2]) - 1)
@@ -466,4 +472,5 @@ __all__ = [
     "check_decoder_available",
     "decoder_requirements",
     "read_dicom",
+    "read_dicom_view_position",
 ]

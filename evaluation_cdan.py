@@ -61,6 +61,12 @@ METEOR_TIMEOUT_S = 600.0
 """Seconds the METEOR Java process may take for one `compute_nlg_metrics` call before it is killed."""
 
 
+MODEL_DISPLAY_NAMES = {"cdan": "CDAN", "priorrg": "PriorRG"}
+"""Row names of the evaluation tables by `config.model_type`."""
+
+TRAINING_ONLY_INPUTS = ("labels", "disease_labels", "reference_embeddings", "diagnosis_states")
+"""Collator outputs that generation never reads."""
+
 def check_reports(texts: Iterable[str], name: str) -> list[str]:
     """`texts` as a list, after checking that it is a collection of `str` (one report per study), not one string."""
     if isinstance(texts, (str, bytes, bytearray, Mapping)) or not isinstance(texts, Iterable):
@@ -403,21 +409,22 @@ def evaluate_with_reference_points(
     validation_references: Sequence[str],
     seed: int = 0,
     with_meteor: bool = True,
+    model_name: str = "CDAN",
 ) -> dict[str, dict[str, float]]:
     """
     Score the model and the three reference points on the same split.
 
     Returns:
-        `{row_name: metrics}` with rows "CDAN (this run)", "most frequent training report", "best constant report",
-        "CDAN, images shuffled".
+        `{row_name: metrics}` with rows "{model_name} (this run)", "most frequent training report", "best constant
+        report", "{model_name}, images shuffled".
     """
     frequent = most_frequent_report(train_reports)
     constant, _ = best_constant_report(train_reports, validation_references)
     rows = {
-        "CDAN (this run)": predictions,
+        f"{model_name} (this run)": predictions,
         "most frequent training report": [frequent] * len(references),
         "best constant report": [constant] * len(references),
-        "CDAN, images shuffled": shuffled_image_predictions(predictions, seed),
+        f"{model_name}, images shuffled": shuffled_image_predictions(predictions, seed),
     }
     return {name: score_reports(references, texts, with_meteor) for name, texts in rows.items()}
 
@@ -470,8 +477,14 @@ def write_evaluation(
     return paths
 
 
+def model_display_name(model) -> str:
+    """The name of a model's rows in the evaluation tables: "CDAN" (also without a model) or "PriorRG"."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "cdan")
+    return MODEL_DISPLAY_NAMES.get(model_type, model_type)
+
+
 def generate_reports_and_disease_logits(
-    model, processor, dataset, batch_size: int = 16, **generation_kwargs
+    model, processor, dataset, batch_size: int = 16, collator=None, **generation_kwargs
 ) -> tuple[list[str], np.ndarray | None]:
     """
     Generate one report per study of `dataset` (rows with `images`, or cached `visual_features`), in order, and keep
@@ -483,6 +496,8 @@ def generate_reports_and_disease_logits(
         processor (`CdanProcessor`): its processor.
         dataset (`datasets.Dataset`): the studies.
         batch_size (`int`, *optional*, defaults to 16): studies per `generate()` call.
+        collator (`CdanDataCollator`, *optional*): builds the model inputs from the rows, for models that read more
+            than the images (clinical context, prior study, view positions); the images alone when `None`.
         generation_kwargs: passed to `generate()` (e.g. `num_beams=3, max_length=60`).
 
     Returns:
@@ -494,7 +509,10 @@ def generate_reports_and_disease_logits(
     disease_logits: list[np.ndarray] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="Generating reports", unit="batch"):
         rows = dataset[start : start + batch_size]
-        if "visual_features" in rows:
+        if collator is not None:
+            batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+            inputs = {key: value for key, value in batch.items() if key not in TRAINING_ONLY_INPUTS}
+        elif "visual_features" in rows:
             inputs = {"visual_features": torch.as_tensor(np.asarray(rows["visual_features"], dtype=np.float32))}
         else:
             inputs = {"pixel_values": processor(images=rows["images"], return_tensors="pt")["pixel_values"]}
@@ -503,7 +521,7 @@ def generate_reports_and_disease_logits(
             encoder_outputs = model.get_encoder()(**inputs)
             generated = model.generate(**inputs, encoder_outputs=encoder_outputs, **generation_kwargs)
         batch_reports = processor.batch_decode(generated, skip_special_tokens=True)
-        if encoder_outputs.disease_logits is not None:
+        if getattr(encoder_outputs, "disease_logits", None) is not None:
             disease_logits.append(encoder_outputs.disease_logits.float().cpu().numpy())
             if model.config.observation_sentences:  # reports edited to agree with the classifier (an option)
                 batch_reports = align_reports_with_classifier(
@@ -594,6 +612,7 @@ def evaluate_split(
     seed: int = 0,
     published: dict[str, Sequence[float]] | None = None,
     with_meteor: bool = True,
+    collator=None,
     **generation_kwargs,
 ) -> dict[str, dict[str, float]]:
     """
@@ -606,8 +625,9 @@ def evaluate_split(
     """
     dataset = dataset_dict[split]
     predictions, disease_logits = generate_reports_and_disease_logits(
-        model, processor, dataset, batch_size, **generation_kwargs
+        model, processor, dataset, batch_size, collator=collator, **generation_kwargs
     )
+    model_name = model_display_name(model)
     references = reference_reports(processor, dataset)
     results = evaluate_with_reference_points(
         references,
@@ -616,9 +636,10 @@ def evaluate_split(
         validation_references=reference_reports(processor, dataset_dict["validation"]),
         seed=seed,
         with_meteor=with_meteor,
+        model_name=model_name,
     )
     if disease_logits is not None:
-        model_row = results["CDAN (this run)"]
+        model_row = results[f"{model_name} (this run)"]
         model_row.update(
             classifier_scores(
                 disease_logits, references, model.config.observation_names, model.config.observation_thresholds
@@ -633,10 +654,12 @@ def evaluate_split(
 __all__ = [
     "CE_METRICS",
     "MAX_SCORED_WORDS",
+    "MODEL_DISPLAY_NAMES",
     "METEOR_TIMEOUT_S",
     "NLG_METRICS",
     "PAPER_TABLE_COLUMNS",
     "PUBLISHED_IU_XRAY",
+    "TRAINING_ONLY_INPUTS",
     "best_constant_report",
     "check_references",
     "check_report_pairs",
@@ -650,6 +673,7 @@ __all__ = [
     "generate_reports_and_disease_logits",
     "macro_f1",
     "markdown_table",
+    "model_display_name",
     "mean_auroc",
     "meteor_score",
     "most_frequent_report",

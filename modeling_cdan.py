@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import timm
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -41,8 +41,22 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 try:
     from .configuration_cdan import DIAGNOSIS_STATES, CdanConfig
+    from .priorrg_modules import (
+        ContextEncoder,
+        PerceiverResampler,
+        TemporalFusion,
+        ViewTemporalEmbeddings,
+        scatter_rows,
+    )
 except ImportError:
     from configuration_cdan import DIAGNOSIS_STATES, CdanConfig
+    from priorrg_modules import (
+        ContextEncoder,
+        PerceiverResampler,
+        TemporalFusion,
+        ViewTemporalEmbeddings,
+        scatter_rows,
+    )
 
 
 logger = logging.get_logger(__name__)
@@ -466,7 +480,9 @@ class CdanAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Queries from `hidden_states` `(B, T, C)`; keys and values from `key_value_states` `(B, S, C)` if given."""
         query_states, key_states, value_states = self.project_query_key_value(hidden_states, key_value_states, cache)
-        queries_per_memory, unmatched = divmod(query_states.shape[0], key_states.shape[0])
+        # `//` and `%` rather than `divmod`, which symbolic sizes (torch.export, ONNX export) do not support
+        queries_per_memory = query_states.shape[0] // key_states.shape[0]
+        unmatched = query_states.shape[0] % key_states.shape[0]
         if unmatched or (queries_per_memory > 1 and attention_mask is not None):
             raise ValueError(
                 f"Cannot attend {query_states.shape[0]} query sequences to {key_states.shape[0]} memories: the number "
@@ -748,6 +764,10 @@ class CdanPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CdanEncoder) and module.segment_embeddings is not None:
             init.normal_(module.segment_embeddings.weight, std=self.config.init_std)
+        elif isinstance(module, PerceiverResampler):
+            module.reset_parameters()  # PriorRG: latents from torch.randn, std 1
+        elif isinstance(module, ViewTemporalEmbeddings):
+            init.normal_(module.temporal_embeddings.weight, std=self.config.init_std)
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         super()._set_gradient_checkpointing(enable, *args, **kwargs)
@@ -777,30 +797,63 @@ class CdanEncoder(CdanPreTrainedModel):
         self.dropout = config.dropout
         self.layers = nn.ModuleList([CdanEncoderLayer(config, layer_idx=i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
+        self.prior_embeddings = self.temporal_fusion = None
+        if config.use_prior_study:  # PriorRG's temporal fusion (priorrg_modules), not in the CDAN paper
+            self.prior_embeddings = ViewTemporalEmbeddings(config.d_model, view_positions=())
+            self.temporal_fusion = TemporalFusion(
+                config.d_model, config.temporal_fusion_layers, config.encoder_attention_heads, dropout=config.dropout
+            )
+        self.context_encoder = self.context_perceiver = None
+        if config.use_clinical_context:  # PriorRG's context branch, not in the CDAN paper
+            text_config = dict(config.context_text_config)
+            text_model = AutoModel.from_config(AutoConfig.for_model(text_config.pop("model_type"), **text_config))
+            self.context_encoder = ContextEncoder(text_model, config.d_model)
+            self.context_perceiver = PerceiverResampler(
+                config.d_model, num_latents=config.context_num_latents, depth=config.context_perceiver_depth
+            )
         self.post_init()
 
-    def check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def fuse_prior_study(
+        self, u: torch.Tensor, prior_pixel_values: torch.Tensor, has_prior: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`u` read against the prior study's projected patch features (PriorRG's temporal fusion), `(B, N, d)`."""
+        if has_prior is None:
+            has_prior = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
+        has_prior = has_prior.bool()
+        if has_prior.shape != (u.shape[0],) or prior_pixel_values.shape[0] != u.shape[0]:
+            raise ValueError(
+                f"`prior_pixel_values` and `has_prior` need one row per study ({u.shape[0]}); got "
+                f"{tuple(prior_pixel_values.shape)} and {tuple(has_prior.shape)}."
+            )
+        if not has_prior.any():
+            return u
+        prior_pixel_values = self.check_pixel_values(prior_pixel_values[has_prior], name="prior_pixel_values")
+        prior_features = self.visual_extractor(prior_pixel_values.to(self.visual_projection.weight.dtype))
+        prior_u = self.prior_embeddings(self.visual_projection(prior_features), temporal_ids=1)  # (B_p, N, d)
+        return self.temporal_fusion(u, scatter_rows(prior_u, has_prior), has_prior)  # (B, N, d)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor | None, name: str = "pixel_values") -> torch.Tensor:
         """Raise a clear `ValueError` for inputs the extractor cannot take, instead of a shape error deep in torch."""
         if pixel_values is None:
-            raise ValueError("`pixel_values` is required: pass the processed images of a study.")
+            raise ValueError(f"`{name}` is required: pass the processed images of a study.")
         if pixel_values.ndim == 4 and self.config.num_views == 1:
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
             raise ValueError(
-                "`pixel_values` must have shape (batch, views, 3, height, width); got "
+                f"`{name}` must have shape (batch, views, 3, height, width); got "
                 f"{tuple(pixel_values.shape)}. Use CdanImageProcessor to prepare images."
             )
         if pixel_values.shape[0] == 0:
-            raise ValueError("`pixel_values` is an empty batch.")
+            raise ValueError(f"`{name}` is an empty batch.")
         if pixel_values.shape[1] != self.config.num_views:
             raise ValueError(
-                f"This model reads {self.config.num_views} view(s) per study but `pixel_values` has "
+                f"This model reads {self.config.num_views} view(s) per study but `{name}` has "
                 f"{pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})."
             )
         if not torch.isfinite(pixel_values).all():
             studies = (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero().flatten().tolist()
             raise ValueError(
-                f"`pixel_values` of studies {studies} hold NaN or infinite values; CdanImageProcessor never writes "
+                f"`{name}` of studies {studies} hold NaN or infinite values; CdanImageProcessor never writes "
                 "them, so check how these inputs were made."
             )
         return pixel_values
@@ -812,6 +865,10 @@ class CdanEncoder(CdanPreTrainedModel):
         visual_features: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        prior_pixel_values: torch.FloatTensor | None = None,
+        has_prior: torch.BoolTensor | None = None,
         **kwargs,
     ) -> CdanEncoderOutput:
         r"""
@@ -824,8 +881,20 @@ class CdanEncoder(CdanPreTrainedModel):
             Return the positive and negative attention weights of the reverse-attention module.
         output_hidden_states (`bool`, *optional*):
             Return the input and output of every encoder layer.
+        context_input_ids (`torch.LongTensor` of shape `(batch_size, context_length)`, *optional*):
+            With `use_clinical_context`: the indication and history, tokenised by the processor's context tokenizer.
+        context_attention_mask (`torch.LongTensor` of shape `(batch_size, context_length)`, *optional*):
+            Its mask; an all-zero row is a study without context.
+        prior_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_views, 3, height, width)`, *optional*):
+            With `use_prior_study`: the prior study's views (any values in rows without a prior).
+        has_prior (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+            Which studies have a prior; all when `prior_pixel_values` is given without it.
         """
         output_attentions = bool(output_attentions)
+        if context_input_ids is not None and self.context_encoder is None:
+            raise ValueError("This model reads no clinical context (`use_clinical_context=False`); drop the context.")
+        if prior_pixel_values is not None and self.temporal_fusion is None:
+            raise ValueError("This model reads no prior study (`use_prior_study=False`); drop `prior_pixel_values`.")
         if visual_features is None:
             pixel_values = self.check_pixel_values(pixel_values)
             visual_features = self.visual_extractor(pixel_values.to(self.visual_projection.weight.dtype))  # Eq. (4)
@@ -835,6 +904,8 @@ class CdanEncoder(CdanPreTrainedModel):
                 f"{tuple(visual_features.shape)}."
             )
         u = self.visual_projection(visual_features.to(self.visual_projection.weight.dtype))  # (B, N, d_model)
+        if self.temporal_fusion is not None and prior_pixel_values is not None:
+            u = self.fuse_prior_study(u, prior_pixel_values, has_prior)  # PriorRG's temporal fusion, (B, N, d_model)
 
         disease_logits = positive_weights = negative_weights = None
         if self.reverse_attention is not None:
@@ -847,6 +918,12 @@ class CdanEncoder(CdanPreTrainedModel):
         else:
             u_s = u
         pooled_semantic_states = u_s.mean(dim=1)  # (B, d_model)
+        if self.context_encoder is not None:
+            context_states, context_mask = self.context_encoder.encode_study_context(
+                context_input_ids, context_attention_mask, u_s.shape[0]
+            )  # (B, T, d_model), (B, T)
+            context_latents = self.context_perceiver(context_states, context_mask)  # PriorRG's ctx, (B, M, d_model)
+            u_s = torch.cat([u_s, context_latents], dim=1)  # (B, 2N + k + M, d_model)
 
         hidden_states = u_s + sinusoidal_positions(u_s.shape[1], u_s.shape[2], u_s.device, u_s.dtype)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
@@ -1044,6 +1121,10 @@ class CdanModel(CdanPreTrainedModel):
         output_hidden_states: bool | None = None,
         visual_features: torch.FloatTensor | None = None,
         diagnosis_states: torch.LongTensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        prior_pixel_values: torch.FloatTensor | None = None,
+        has_prior: torch.BoolTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqModelOutput:
         if encoder_outputs is None:
@@ -1052,6 +1133,10 @@ class CdanModel(CdanPreTrainedModel):
                 visual_features=visual_features,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
+                context_input_ids=context_input_ids,
+                context_attention_mask=context_attention_mask,
+                prior_pixel_values=prior_pixel_values,
+                has_prior=has_prior,
                 return_dict=True,
             )
         elif not isinstance(encoder_outputs, CdanEncoderOutput):
@@ -1171,6 +1256,26 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         model.model.encoder.visual_extractor.load_pretrained_weights(weights_path or config.visual_extractor_weights)
         return model
 
+    def load_context_text_model(self, name_or_path: str, num_tokens: int | None = None) -> None:
+        """
+        Load pre-trained weights into the clinical-context encoder (`use_clinical_context`), e.g. a local
+        all-MiniLM-L6-v2 or CXR-BERT, and resize its embeddings to the context tokenizer's `num_tokens`.
+        `config.context_text_config` must describe the same architecture (see `context_text_config_from`).
+        """
+        if self.model.encoder.context_encoder is None:
+            raise ValueError("This model reads no clinical context (`use_clinical_context=False`).")
+        text_model = self.model.encoder.context_encoder.text_model
+        try:
+            pretrained = AutoModel.from_pretrained(name_or_path, num_hidden_layers=text_model.config.num_hidden_layers)
+        except OSError as error:
+            raise OSError(
+                f"Could not load the context text encoder from {name_or_path!r}: {error}\nOffline, pass a local folder."
+            ) from error
+        text_model.load_state_dict(pretrained.state_dict())
+        if num_tokens is not None and num_tokens != text_model.config.vocab_size:
+            text_model.resize_token_embeddings(num_tokens)
+            self.config.context_text_config = {**self.config.context_text_config, "vocab_size": num_tokens}
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
@@ -1278,6 +1383,10 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         visual_features: torch.FloatTensor | None = None,
         diagnosis_states: torch.LongTensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        prior_pixel_values: torch.FloatTensor | None = None,
+        has_prior: torch.BoolTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqLMOutput:
         r"""
@@ -1303,6 +1412,8 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             Only with `use_diagnosis_prompt`: reference decisions (indices into `DIAGNOSIS_STATES`). In training
             they are mixed with the classifier's own (`diagnosis_prompt_prediction_rate`); in eval mode and
             `generate()` they replace them. Without them the prompt is the classifier's decision.
+        context_input_ids, context_attention_mask, prior_pixel_values, has_prior:
+            PriorRG's inputs, for models with `use_clinical_context` / `use_prior_study` (see [`CdanEncoder.forward`]).
         kwargs:
             `num_items_in_batch` from the Trainer, so the loss is correct under gradient accumulation, and
             `return_dict=False` for a tuple instead of a [`CdanSeq2SeqLMOutput`].
@@ -1324,6 +1435,10 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             visual_features=visual_features,
             diagnosis_states=diagnosis_states,
+            context_input_ids=context_input_ids,
+            context_attention_mask=context_attention_mask,
+            prior_pixel_values=prior_pixel_values,
+            has_prior=has_prior,
             return_dict=True,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # Eq. (21): p(w_t | w_<t, u_s), (B, T, vocab_size)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -40,6 +41,7 @@ try:
         reverse_attention_maps,
         token_cross_attention,
     )
+    from .inference_cdan import optimize_for_inference
 except ImportError:
     from configuration_cdan import DIAGNOSIS_STATES
     from consistency_cdan import align_reports_with_classifier
@@ -50,17 +52,43 @@ except ImportError:
         reverse_attention_maps,
         token_cross_attention,
     )
+    from inference_cdan import optimize_for_inference
 
 logger = logging.get_logger(__name__)
 
-PIPELINE_MODULE_FILES = ("pipeline_cdan.py", "consistency_cdan.py", "labeler_cdan.py", "heatmaps_cdan.py")
-"""The pipeline's remote code and the modules it imports that a saved model does not already carry."""
+PIPELINE_MODULE_FILES = (
+    "pipeline_cdan.py",
+    "consistency_cdan.py",
+    "labeler_cdan.py",
+    "heatmaps_cdan.py",
+    "inference_cdan.py",
+    "configuration_cdan.py",
+    "modeling_cdan.py",
+    "priorrg_modules.py",
+)
+"""The pipeline's remote code and the modules it imports that a saved model does not already carry (a PriorRG
+checkpoint carries none of CDAN's)."""
 
 MIN_TRANSFORMERS_VERSION = "5.24.0"
 """Oldest transformers the remote code runs on (the decoder cache argument is named `cache` since 5.24); the same
 bound as `pyproject.toml`'s dependency."""
 
 STUDY_KEYS = ("images", "views")
+
+STUDY_DETAIL_KEYS = ("view_positions", "indication", "history", "prior")
+"""Other entries of a study dict: `{"images": [...], "view_positions": [...], "indication": "...", "history": "...",
+"prior": {"images": [...], "view_positions": [...]}}`; each is read by the models that take it (PriorRG, or CDAN
+with `use_clinical_context` / `use_prior_study`)."""
+
+
+def reads_study_details(config) -> dict[str, bool]:
+    """Which study details a model reads: view positions, clinical context (indication, history), prior study."""
+    is_priorrg = config.model_type == "priorrg"
+    return {
+        "view_positions": is_priorrg,
+        "context": is_priorrg or getattr(config, "use_clinical_context", False),
+        "prior": is_priorrg or getattr(config, "use_prior_study", False),
+    }
 
 
 class CdanReportPipeline(Pipeline):
@@ -107,6 +135,11 @@ class CdanReportPipeline(Pipeline):
     `xxxx` (nor the vocabulary words containing it, see [`CdanProcessor.anonymisation_token_ids`]): their ids are
     added to the generation's `suppress_tokens` (on top of any the call or the checkpoint sets), whose logits
     processor masks them at every decoding step. A vocabulary without them generates as without the option.
+
+    `precision` (`"fp32"`, `"bf16"` or `"int8"`) and `compile` (`bool`), at construction only (`pipeline(...,
+    precision="int8")`), prepare the model for faster inference with [`~inference_cdan.optimize_for_inference`]
+    (in place): bfloat16 autocast (refused with `ValueError` on a CPU without AVX512-BF16 or AMX), dynamic int8
+    linear layers, and a compiled visual extractor. Reports may differ slightly from float32 ones.
     """
 
     _load_processor = True
@@ -114,6 +147,11 @@ class CdanReportPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
     _pipeline_calls_generate = True
+
+    def __init__(self, *args, precision: str = "fp32", compile: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if precision != "fp32" or compile:
+            self.model = optimize_for_inference(self.model, precision=precision, compile=compile, inplace=True)
 
     def _sanitize_parameters(
         self,
@@ -129,7 +167,7 @@ class CdanReportPipeline(Pipeline):
         if ban_anonymisation_token is not None:
             forward_params["ban_anonymisation_token"] = bool(ban_anonymisation_token)
         if return_labels is not None:
-            if return_labels and not self.model.config.use_reverse_attention:
+            if return_labels and not getattr(self.model.config, "use_reverse_attention", False):
                 raise ValueError(
                     "`return_labels=True` needs the reverse-attention disease classifier, and this model has none "
                     "(`use_reverse_attention=False`)."
@@ -137,10 +175,15 @@ class CdanReportPipeline(Pipeline):
             forward_params["return_labels"] = return_labels
         postprocess_params = {} if return_labels is None else {"return_labels": return_labels}
         if return_attention_maps is not None:
-            if return_attention_maps and not self.model.config.use_reverse_attention:
+            if return_attention_maps and not getattr(self.model.config, "use_reverse_attention", False):
                 raise ValueError(
                     "`return_attention_maps=True` draws the reverse-attention maps (u_p, u_n), and this model has no "
                     "reverse attention (`use_reverse_attention=False`)."
+                )
+            if return_attention_maps and any(reads_study_details(self.model.config).values()):
+                raise ValueError(
+                    "`return_attention_maps=True` draws the maps of the image-only CDAN; this model also reads the "
+                    "clinical context or the prior study."
                 )
             forward_params["return_attention_maps"] = bool(return_attention_maps)
             postprocess_params["return_attention_maps"] = bool(return_attention_maps)
@@ -163,14 +206,52 @@ class CdanReportPipeline(Pipeline):
             return list(study)
         return [study]
 
+    def study_details(self, study: Any) -> dict[str, list]:
+        """
+        The processor arguments for what a study dict says besides its images (see `STUDY_DETAIL_KEYS`), for the
+        details this model reads. A detail the model does not read is ignored with a warning.
+        """
+        details = study if isinstance(study, dict) else {}
+        unknown = sorted(set(details) - set(STUDY_KEYS) - set(STUDY_DETAIL_KEYS))
+        if unknown:
+            accepted = [*STUDY_KEYS, *STUDY_DETAIL_KEYS]
+            raise ValueError(f"Unknown study entries {unknown}; a study dict takes {accepted}.")
+        reads = reads_study_details(self.model.config)
+        ignored = [
+            key for key in STUDY_DETAIL_KEYS
+            if details.get(key) and not reads["context" if key in ("indication", "history") else key]
+        ]  # fmt: skip
+        if ignored:
+            logger.warning_once(f"This model does not read the study's {ignored}; they are ignored.")
+        arguments: dict[str, list] = {}
+        if reads["view_positions"]:
+            arguments["view_positions"] = [details.get("view_positions")]
+        if reads["context"]:
+            arguments["indication"] = [details.get("indication")]
+            arguments["history"] = [details.get("history")]
+        if reads["prior"]:
+            prior = details.get("prior")
+            prior_views = self.study_views(prior) if prior else None
+            arguments["prior_images"] = [prior_views or None]
+            arguments["prior_view_positions"] = [prior.get("view_positions") if isinstance(prior, dict) else None]
+        return arguments
+
     def preprocess(self, study: Any, on_degenerate_image: str | None = None) -> dict[str, torch.Tensor]:
         views = self.study_views(study)
         if not views:
             raise ValueError("A study with no image was given.")
-        pixel_values = self.processor(
-            images=[views], return_tensors="pt", on_degenerate_image=on_degenerate_image
-        )["pixel_values"]
-        return {"pixel_values": pixel_values.to(self.dtype or torch.float32)}
+        inputs = self.processor(
+            images=[views], return_tensors="pt", on_degenerate_image=on_degenerate_image, **self.study_details(study)
+        )
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.dtype or torch.float32)
+        if "prior_pixel_values" in model_inputs:
+            model_inputs["prior_pixel_values"] = model_inputs["prior_pixel_values"].to(self.dtype or torch.float32)
+        for key in ("context_input_ids", "context_attention_mask"):  # one length for every study, so batches stack
+            if key in model_inputs:
+                padding = self.processor.max_context_length - model_inputs[key].shape[1]
+                model_inputs[key] = nn.functional.pad(model_inputs[key], (0, padding), value=0)
+        return model_inputs
 
     def anonymisation_suppress_tokens(self, generate_kwargs: dict) -> list[int]:
         """
@@ -204,7 +285,7 @@ class CdanReportPipeline(Pipeline):
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs, **overrides)
         if return_attention_maps:
             return self.forward_with_attention_maps(model_inputs["pixel_values"], generate_kwargs)
-        if not return_labels and not self.model.config.observation_sentences:
+        if not return_labels and not getattr(self.model.config, "observation_sentences", None):
             return {"generated_ids": self.model.generate(**model_inputs, **generate_kwargs)}
         # Encode the image once: the disease logits come from the encoder, whose output `generate` then decodes
         encoder_outputs = self.model.get_encoder()(**model_inputs)
@@ -316,6 +397,37 @@ class CdanReportPipeline(Pipeline):
             )
 
 
+def model_card_architecture(config, input_size: str) -> tuple[str, str]:
+    """The title and the architecture paragraph of a model card, for a CDAN or a PriorRG configuration."""
+    if config.model_type == "priorrg":
+        title = "PriorRG chest X-ray report generator"
+        return title, f"""\
+PriorRG (Liu et al., AAAI 2026) writes a draft *findings* section from the current study's
+views{input_size}, the clinical context (indication, history) and the patient's prior study. It is a research
+model: its reports are drafts for a radiologist to check, not diagnoses.
+
+- Vision encoder: `{config.vision_config.model_type}` ({config.vision_config.num_hidden_layers} layers, width
+  {config.vision_config.hidden_size}); text encoder: `{config.text_config.model_type}`
+  ({config.text_config.num_hidden_layers} layers); {config.num_latents} Perceiver latents; decoder:
+  `{config.decoder_config.model_type}` ({config.decoder_config.num_hidden_layers} layers)"""
+    ablation = {
+        (False, False): "BASE",
+        (True, False): "+RA",
+        (False, True): "+SC",
+        (True, True): "+RA+SC",
+    }[(config.use_reverse_attention, config.use_semantic_consistency)]
+    title = "CDAN chest X-ray report generator"
+    return title, f"""\
+A Cross-modal Discrepancy Attention Network (Chen, Huang & Tan, 2025) that writes a draft *findings* section from
+{config.num_views} chest X-ray view(s) per study. It is a research model: its reports are drafts for a radiologist to
+check, not diagnoses.
+
+- Visual extractor: `{config.visual_extractor}`{input_size}, {config.num_views} view(s) per study
+- Configuration: {ablation} (reverse attention: {config.use_reverse_attention}, semantic consistency:
+  {config.use_semantic_consistency}), d_model {config.d_model}, {config.encoder_layers} encoder and
+  {config.decoder_layers} decoder layers"""
+
+
 def build_model_card(
     model,
     processor=None,
@@ -341,7 +453,7 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag="image-to-text",
         license=license,
-        tags=["radiology-report-generation", "chest-x-ray", "cdan", "custom_code"],
+        tags=["radiology-report-generation", "chest-x-ray", config.model_type, "custom_code"],
         datasets=[dataset] if dataset else None,
         base_model=base_model,
     )
@@ -352,27 +464,15 @@ def build_model_card(
         if metrics
         else "| (not evaluated yet) | |"
     )
-    ablation = {
-        (False, False): "BASE",
-        (True, False): "+RA",
-        (False, True): "+SC",
-        (True, True): "+RA+SC",
-    }[(config.use_reverse_attention, config.use_semantic_consistency)]
     input_size = f" at {processor.image_processor.image_size} px" if processor is not None else ""
+    title, description = model_card_architecture(config, input_size)
     content = f"""---
 {card_data.to_yaml()}
 ---
 
-# CDAN chest X-ray report generator
+# {title}
 
-A Cross-modal Discrepancy Attention Network (Chen, Huang & Tan, 2025) that writes a draft *findings* section from
-{config.num_views} chest X-ray view(s) per study. It is a research model: its reports are drafts for a radiologist to
-check, not diagnoses.
-
-- Visual extractor: `{config.visual_extractor}`{input_size}, {config.num_views} view(s) per study
-- Configuration: {ablation} (reverse attention: {config.use_reverse_attention}, semantic consistency:
-  {config.use_semantic_consistency}), d_model {config.d_model}, {config.encoder_layers} encoder and
-  {config.decoder_layers} decoder layers
+{description}
 - Training data: {dataset or "not recorded"}
 - Requires `transformers>={MIN_TRANSFORMERS_VERSION}`, `timm`, and `trust_remote_code=True`
 
@@ -437,8 +537,11 @@ PIPELINE_REGISTRY.register_pipeline(
 
 __all__ = [
     "PIPELINE_MODULE_FILES",
+    "STUDY_DETAIL_KEYS",
     "CdanReportPipeline",
     "build_model_card",
+    "model_card_architecture",
+    "reads_study_details",
     "register_pipeline_in_config",
     "save_checkpoint",
     "write_pipeline_files",

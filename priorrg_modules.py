@@ -37,6 +37,9 @@ DEFAULT_VIEW_POSITIONS = ("PA", "AP", "LATERAL", "LL")
 CONTEXT_SECTION_TAGS = ("[INDICATION]", "[HISTORY]")
 """Section tags of the clinical context. PriorRG adds them to its tokenizer as new tokens (`main_github.py`)."""
 
+REPORT_SECTION_TAG = "[FINDINGS]"
+"""Tag written before the findings when stage 1 embeds a report: `"[CLS] [FINDINGS] " + findings` (PriorRG)."""
+
 CLIP_MAX_LOGIT_SCALE = 100.0
 """CLIP caps the exponentiated temperature at 100."""
 
@@ -617,6 +620,25 @@ class ContextEncoder(nn.Module):
             nn.Linear(projection_hidden_dim, projection_dim),
         )
 
+    def encode_study_context(
+        self, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The context of a batch as the processor gives it: a study whose attention-mask row is all zeros has no
+        context, and without `input_ids` no study has any (one all-masked zero token each, which the Perceiver
+        ignores).
+
+        Returns:
+            `tuple` of the projected token states `(batch_size, num_tokens, projection_dim)` and their bool mask.
+        """
+        if input_ids is None:
+            device = self.projection[-1].weight.device
+            placeholder = torch.zeros(batch_size, 1, self.projection[-1].out_features, device=device)  # (B, 1, P)
+            return placeholder, torch.zeros(batch_size, 1, dtype=torch.bool, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self(input_ids, attention_mask, has_context=attention_mask.bool().any(dim=1))
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -644,6 +666,13 @@ class ContextEncoder(nn.Module):
         if has_context is not None:
             mask = mask & has_context.bool()[:, None]
         return states, mask
+
+
+def scatter_rows(rows: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """Put `rows` `(R, ...)` back at the True positions of `row_mask` `(B,)`, zeros elsewhere: `(B, ...)`."""
+    batch = rows.new_zeros(row_mask.shape[0], *rows.shape[1:])
+    batch[row_mask] = rows
+    return batch
 
 
 def study_targets(study_ids: torch.Tensor | Sequence[Hashable], device: torch.device | None = None) -> torch.Tensor:
@@ -734,6 +763,7 @@ class ContrastiveHead(nn.Module):
 __all__ = [
     "CONTEXT_SECTION_TAGS",
     "DEFAULT_VIEW_POSITIONS",
+    "REPORT_SECTION_TAG",
     "ContextEncoder",
     "ContrastiveHead",
     "GegluFeedForward",
@@ -745,5 +775,6 @@ __all__ = [
     "format_clinical_context",
     "multi_positive_info_nce",
     "pooled_image_embedding",
+    "scatter_rows",
     "study_targets",
 ]

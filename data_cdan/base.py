@@ -403,7 +403,7 @@ class CdanBuilder(datasets.GeneratorBasedBuilder):
 
     DATASET_NAME = "cdan"
     BUILDER_CONFIG_CLASS = CdanBuilderConfig
-    VERSION = datasets.Version("1.0.1")
+    VERSION = datasets.Version("1.1.0")  # 1.1: history, prior-study and box columns
     EXTRA_FEATURES: dict[str, Any] = {}
     """Columns of this dataset after those of [`core_features`]."""
     DESCRIPTION = ""

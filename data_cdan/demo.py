@@ -9,8 +9,15 @@ Splits: the R2Gen split of each study (`train`, `validation`, `test`). Not for e
 
 Columns: the IU X-Ray columns (`id`, `split`, `images`, `views`, `findings`, `impression`, `indication`, `comparison`,
 `chexpert_labels`, `label_source`, `openi_uid`, `view_positions` blank, `mesh_major` empty) plus `synthetic`
-(always True). Rendering runs in `min(2, CPU count)` processes unless `download_and_prepare(num_proc=...)` says
-otherwise.
+(always True) and `boxes` (per view, the renderer's true lesion boxes, `List(BOX_FEATURES)`). Rendering runs in
+`min(2, CPU count)` processes unless `download_and_prepare(num_proc=...)` says otherwise.
+
+Prior studies (for PriorRG): a seeded ~60 % of the studies get a prior study of the same synthetic patient
+(`prior_images`, `prior_views`, `prior_view_positions` blank, `prior_labels`; all None / empty otherwise), whose
+labels follow [`demo_prior_labels`] and whose views are rendered with the study's own seed, so anatomy, pose and
+noise are the current study's. The report text says nothing about change since the prior (Open-I findings rarely
+compare), so demo priors test the plumbing, not any benefit of reading a prior. `history` is None (Open-I reports
+have no history section).
 """
 
 import json
@@ -21,7 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets.features import Value
+import numpy as np
+from datasets.features import Image, List, Value
+
+from labeler_cdan import (
+    CHEXPERT_OBSERVATIONS,
+    NEGATIVE,
+    NO_FINDING,
+    NOT_MENTIONED,
+    PATHOLOGY_OBSERVATIONS,
+    POSITIVE,
+    UNCERTAIN,
+)
 
 from .base import (
     FRONTAL,
@@ -33,6 +51,7 @@ from .base import (
     canonical_split,
     report_labels,
 )
+from .boxes import BOX_FEATURES, boxes_to_rows
 from .iu_xray import IuXrayBuilder
 from .synthetic_cxr import render_study, save_png
 
@@ -41,6 +60,53 @@ _patched_for_streaming = True
 """Opt out of `datasets`' streaming patches (see `data_cdan.base`)."""
 
 DEMO_REPORTS_FILE = Path(__file__).resolve().parents[1] / "data" / "demo" / "reports.jsonl"
+
+PRIOR_STUDY_FRACTION = 0.6
+"""Default share of demo studies with a prior study (`DemoConfig.prior_fraction`)."""
+NEW_FINDING_PROBABILITY = 0.5
+"""Probability that a finding POSITIVE in the study was absent (NEGATIVE) from its prior: it is new."""
+RESOLVED_FINDING_PROBABILITY = 0.3
+"""Probability that the prior had one more POSITIVE finding, since resolved (NEGATIVE or not mentioned now)."""
+PRIOR_RULE_STREAM = 9
+"""Random stream of the prior rule (`numpy.random.default_rng([seed, PRIOR_RULE_STREAM])`), not the renderer's."""
+
+
+def demo_prior_labels(
+    labels: list[int], seed: int, prior_fraction: float = PRIOR_STUDY_FRACTION
+) -> list[int] | None:
+    """
+    The CheXpert states of a demo study's prior study, or None when the study has no prior. Seeded, going back in
+    time from the study's own labels, in this order of draws from `default_rng([seed, PRIOR_RULE_STREAM])`:
+
+    1. the study has a prior with probability `prior_fraction` (else None);
+    2. each pathology observation (`PATHOLOGY_OBSERVATIONS`: not "No Finding" nor "Support Devices") POSITIVE in
+       the study is NEGATIVE in the prior with probability `NEW_FINDING_PROBABILITY` (a new finding);
+    3. with probability `RESOLVED_FINDING_PROBABILITY`, one pathology observation not POSITIVE in the study, drawn
+       uniformly, is POSITIVE in the prior (a finding that has since resolved);
+    4. when a state changed, "No Finding" follows the labeler's rule on the prior's pathology states: NOT_MENTIONED
+       if one is POSITIVE or UNCERTAIN, else POSITIVE. Other states are the study's.
+
+    Args:
+        labels (`list[int]`): the study's 14 states, in `CHEXPERT_OBSERVATIONS` order.
+        seed (`int`): the study's seed (the CRC-32 of its id, as for rendering).
+        prior_fraction (`float`, *optional*, defaults to 0.6): probability of having a prior.
+    """
+    rng = np.random.default_rng([seed, PRIOR_RULE_STREAM])
+    if rng.random() >= prior_fraction:
+        return None
+    prior = list(labels)
+    pathology = [CHEXPERT_OBSERVATIONS.index(name) for name in PATHOLOGY_OBSERVATIONS]
+    for index in pathology:
+        if labels[index] == POSITIVE and rng.random() < NEW_FINDING_PROBABILITY:
+            prior[index] = NEGATIVE
+    if rng.random() < RESOLVED_FINDING_PROBABILITY:
+        candidates = [index for index in pathology if labels[index] != POSITIVE]
+        if candidates:
+            prior[candidates[int(rng.integers(len(candidates)))]] = POSITIVE
+    if prior != list(labels):
+        has_finding = any(prior[index] in (POSITIVE, UNCERTAIN) for index in pathology)
+        prior[CHEXPERT_OBSERVATIONS.index(NO_FINDING)] = NOT_MENTIONED if has_finding else POSITIVE
+    return prior
 
 
 @dataclass
@@ -53,11 +119,19 @@ class DemoConfig(CdanBuilderConfig):
             repository); fields r2gen_id, openi_uid, split, findings, impression, indication, comparison.
         image_size (`int`, *optional*, defaults to 256): side of the rendered views.
         view_names (`tuple[str, ...]`, *optional*): views rendered per study (`("frontal", "lateral")`).
+        prior_fraction (`float`, *optional*, defaults to 0.6): share of studies given a prior study (see
+            [`demo_prior_labels`]); 0 gives none.
     """
 
     reports_file: str | None = None
     image_size: int = 256
     view_names: tuple[str, ...] = (FRONTAL, LATERAL)
+    prior_fraction: float = PRIOR_STUDY_FRACTION
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.prior_fraction <= 1.0:
+            raise ValueError(f"prior_fraction must be between 0 and 1, got {self.prior_fraction}.")
 
 
 class DemoBuilder(CdanBuilder):
@@ -72,10 +146,20 @@ class DemoBuilder(CdanBuilder):
     """
 
     DATASET_NAME = "demo"
-    EXTRA_FEATURES = {**IuXrayBuilder.EXTRA_FEATURES, "synthetic": Value("bool")}
+    EXTRA_FEATURES = {
+        **IuXrayBuilder.EXTRA_FEATURES,
+        "synthetic": Value("bool"),
+        "boxes": List(BOX_FEATURES),
+        "prior_images": List(Image()),
+        "prior_views": List(Value("string")),
+        "prior_view_positions": List(Value("string")),
+        "prior_labels": List(Value("int8"), length=len(CHEXPERT_OBSERVATIONS)),
+    }
     DESCRIPTION = (
         "CDAN demo: Open-I report text (verbatim) with SYNTHETIC images rendered from the report's labels by "
-        "synthetic_cxr; not for evaluation."
+        "synthetic_cxr; not for evaluation. About 60 % of the studies have a synthetic prior study of the same "
+        "patient with changed labels; the report text states no change since the prior, so the priors test the "
+        "plumbing only."
     )
     LICENSE = "Reports: CC BY-NC-ND 4.0 (Indiana University / NLM Open-i); images: synthetic."
     BUILDER_CONFIG_CLASS = DemoConfig
@@ -144,13 +228,28 @@ class DemoBuilder(CdanBuilder):
         for study in studies:
             labels = report_labels(study["findings"], study["impression"])
             seed = zlib.crc32(study["id"].encode("utf-8"))
-            images = render_study(labels, seed=seed, image_size=self.config.image_size, views=view_names)
+            images, drawn = render_study(
+                labels, seed=seed, image_size=self.config.image_size, views=view_names, return_metadata=True
+            )
             safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", study["id"])
             paths = []
             for view, image in zip(view_names, images):
                 name = f"{safe_id}_{view}.png"
                 save_png(image, written_dir / name, extra_text={"Study": study["id"]}, compress_level=1)
                 paths.append(str(stored_dir / name))
+            prior_labels = demo_prior_labels(labels, seed, self.config.prior_fraction)
+            prior_paths = []
+            if prior_labels == labels:  # same seed and labels: the prior's pixels are the study's
+                prior_paths = paths
+            elif prior_labels is not None:
+                prior_images = render_study(
+                    prior_labels, seed=seed, image_size=self.config.image_size, views=view_names
+                )
+                for view, image in zip(view_names, prior_images):
+                    name = f"{safe_id}_prior_{view}.png"
+                    extra_text = {"Study": f"{study['id']} prior"}
+                    save_png(image, written_dir / name, extra_text=extra_text, compress_level=1)
+                    prior_paths.append(str(stored_dir / name))
             yield (
                 study["id"],
                 {
@@ -162,8 +261,22 @@ class DemoBuilder(CdanBuilder):
                     "chexpert_labels": labels,
                     "label_source": LABEL_SOURCE_LABELER,
                     "synthetic": True,
+                    "boxes": [boxes_to_rows(view["boxes"]) for view in drawn],
+                    "history": None,
+                    "prior_images": prior_paths,
+                    "prior_views": list(view_names) if prior_paths else [],
+                    "prior_view_positions": [""] * len(prior_paths),
+                    "prior_labels": prior_labels,
                 },
             )
 
 
-__all__ = ["DEMO_REPORTS_FILE", "DemoBuilder", "DemoConfig"]
+__all__ = [
+    "DEMO_REPORTS_FILE",
+    "NEW_FINDING_PROBABILITY",
+    "PRIOR_STUDY_FRACTION",
+    "RESOLVED_FINDING_PROBABILITY",
+    "DemoBuilder",
+    "DemoConfig",
+    "demo_prior_labels",
+]

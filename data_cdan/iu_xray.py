@@ -9,8 +9,10 @@ Splits: R2Gen's 2069 / 296 / 590 studies with an annotation, else a seeded 7:1:2
 
 Columns: `id` (R2Gen id, or `CXR<uid>` without an annotation), `split`, `images` (`List(Image())`, paths decoded
 lazily), `views` (`frontal` / `lateral` / `unknown`), `findings`, `impression`, `indication`, `comparison` (None when
-absent), `chexpert_labels` (14 states from `labeler_cdan`), `label_source`, `openi_uid`, `view_positions` (DICOM
-"View Position", `""` if unknown), `mesh_major`. Layouts, split and view rules: docs/data.md.
+absent; the R2Gen layout has only the findings), `chexpert_labels` (14 states from `labeler_cdan`), `label_source`,
+`openi_uid`, `view_positions` (DICOM "View Position", `""` if unknown), `mesh_major`, `history` (always None: Open-I
+reports have only COMPARISON, INDICATION, FINDINGS and IMPRESSION sections). No prior studies: Open-I does not link
+a patient's studies. Layouts, split and view rules: docs/data.md.
 """
 
 import logging
@@ -115,6 +117,7 @@ class IuXrayBuilder(CdanBuilder):
         "openi_uid": Value("int32"),
         "view_positions": List(Value("string")),
         "mesh_major": List(Value("string")),
+        "history": Value("string"),
     }
     DESCRIPTION = "IU X-Ray (Indiana University chest X-ray collection, Open-I) studies for CDAN."
     HOMEPAGE = "https://openi.nlm.nih.gov/faq#collection"
@@ -250,6 +253,7 @@ class IuXrayBuilder(CdanBuilder):
                 "comparison": None,
                 "openi_uid": int(uid_match.group(1)) if uid_match else None,
                 "mesh_major": [],
+                "history": None,
             }
 
     def _openi_study(
@@ -280,6 +284,7 @@ class IuXrayBuilder(CdanBuilder):
             "comparison": report.comparison or None,
             "openi_uid": report.uid,
             "mesh_major": report.mesh_major,
+            "history": None,
         }
 
     def _read_reports(self, inputs: dict[str, Any]) -> tuple[list[OpenIReport], dict[str, str]]:

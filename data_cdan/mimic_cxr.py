@@ -1,22 +1,27 @@
 """MIMIC-CXR-JPG in R2Gen's MIMIC-CXR split as a `datasets` builder, with each study's prior study.
 
 Source: R2Gen's MIMIC `annotation.json`, the MIMIC-CXR-JPG tree `files/p<NN>/p<subject_id>/s<study_id>/<dicom_id>.jpg`
-and the tables `mimic-cxr-2.0.0-{metadata,chexpert,split}.csv(.gz)`. Nothing is downloaded.
+and the tables `mimic-cxr-2.0.0-{metadata,chexpert,split}.csv(.gz)`; optionally the free-text reports of MIMIC-CXR
+(`mimic-cxr-reports.zip`, extracted: `files/p<NN>/p<subject_id>/s<study_id>.txt`) for the INDICATION and HISTORY
+sections. Nothing is downloaded.
 Licence: PhysioNet Credentialed Health Data License 1.5.0; never redistributed (`push_to_hub` refuses it).
 Citation: Johnson et al., "MIMIC-CXR-JPG, a large publicly available database of labeled chest radiographs",
 arXiv:1901.07042, 2019; R2Gen split: Chen et al., EMNLP 2020.
 Splits: one example per annotation entry (one image each, as in R2Gen), in the entry's split.
 
 Columns: `id` (the DICOM id), `split`, `images` (`List(Image())`, paths), `views` (from `ViewPosition`), `findings`
-(the annotation's report), `impression` / `indication` / `comparison` (None), `chexpert_labels` (MIMIC's CheXpert
-table, four states), `label_source`, `subject_id`, `study_id`, `view_positions`, `prior_study_id` (the patient's latest
-strictly earlier study, None for the first) and `prior_image_paths` (not opened or checked).
+(the annotation's report), `impression` / `comparison` (None), `indication` and `history` (from the free-text report,
+see [`report_context_sections`]; None without the report or the section), `chexpert_labels` (MIMIC's CheXpert table,
+four states), `label_source`, `subject_id`, `study_id`, `view_positions`, `prior_study_id` (the patient's latest
+strictly earlier study, None for the first), `prior_image_paths` (not opened or checked) and `prior_view_positions`
+(their `ViewPosition`, aligned).
 Memory stays compact: only the needed columns of the tables are kept, as numpy / Arrow arrays, and the annotation
 entries wait on disk (one Arrow IPC file per split) until their split is generated.
 """
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,6 +81,25 @@ ANNOTATION_ENTRY_SCHEMA = pa.schema(
 )
 """One row per annotation entry of a split: its id (or position), why it is malformed (or null) and its fields."""
 
+REPORT_SECTION_FIELDS = {
+    "INDICATION": "indication",
+    "INDICATIONS": "indication",
+    "REASON FOR EXAMINATION": "indication",
+    "REASON FOR EXAM": "indication",
+    "REASON FOR THIS EXAMINATION": "indication",
+    "HISTORY": "history",
+    "CLINICAL HISTORY": "history",
+    "CLINICAL INFORMATION": "history",
+    "UNDERLYING MEDICAL CONDITION": "history",
+}
+"""MIMIC-CXR report section headers (upper case, without the colon) and the column their text goes to. A section
+ends at the next header; when a report has several sections for one column, their texts are joined in report order.
+Headers such as `INDICATION/HISTORY:` or `CLINICAL HISTORY/INDICATION:` are not split: they are not listed, so they
+end the previous section and are dropped."""
+
+REPORT_HEADER_PATTERN = re.compile(r"^[ \t]*([A-Z][A-Z /&()'-]*[A-Z)]):", flags=re.MULTILINE)
+"""A section header: an upper-case phrase at the start of a line, followed by a colon (`" INDICATION:  ..."`)."""
+
 
 @dataclass
 class MimicCxrConfig(CdanBuilderConfig):
@@ -91,6 +115,10 @@ class MimicCxrConfig(CdanBuilderConfig):
             agree with it (else `unknown_split`).
         lookup_batch_size (`int`, *optional*, defaults to 5000): annotation entries joined with the tables at once.
         verify_images (`bool`, *optional*, defaults to `False`): off here (377k JPEGs decode for hours).
+        reports_dir (`str`, *optional*): the folder holding the free-text reports `p<NN>/p<subject_id>/s<study_id>.txt`
+            (the `files/` folder of the extracted `mimic-cxr-reports.zip`). Defaults to
+            `<data_dir>/mimic-cxr-reports/files` when present, else the image folder (the reports extracted into the
+            same `files/` tree as the JPEGs). A study whose report is missing gets None as indication and history.
     """
 
     verify_images: bool = False
@@ -100,6 +128,7 @@ class MimicCxrConfig(CdanBuilderConfig):
     metadata_file: str | None = None
     split_file: str | None = None
     lookup_batch_size: int = 5000
+    reports_dir: str | None = None
 
 
 def read_table_columns(path: Path, columns: dict[str, str], chunk_rows: int = 10000) -> dict[str, Any]:
@@ -156,6 +185,46 @@ def annotation_entry_problem(entry: Any) -> str | None:
     return None
 
 
+def report_context_sections(report: str) -> dict[str, str | None]:
+    """
+    The clinical context of a MIMIC-CXR free-text report: the text of its indication and history sections (see
+    `REPORT_SECTION_FIELDS`), whitespace collapsed, the `___` de-identification runs kept.
+
+    Args:
+        report (`str`): the whole text of a report file, whose sections start with a header line such as
+            ` INDICATION:  ___F with cough.`
+
+    Returns:
+        `dict` with `"indication"` and `"history"`: the section text, or None when the report has no such section
+        or it is empty.
+    """
+    headers = list(REPORT_HEADER_PATTERN.finditer(report))
+    parts: dict[str, list[str]] = {"indication": [], "history": []}
+    for position, header in enumerate(headers):
+        field = REPORT_SECTION_FIELDS.get(" ".join(header.group(1).split()))
+        if field is None:
+            continue
+        end = headers[position + 1].start() if position + 1 < len(headers) else len(report)
+        text = " ".join(report[header.end() : end].split())
+        if text:
+            parts[field].append(text)
+    return {field: " ".join(texts) if texts else None for field, texts in parts.items()}
+
+
+def read_report_context(reports_dir: Path | None, subject_id: int, study_id: int) -> dict[str, str | None]:
+    """
+    [`report_context_sections`] of the report `<reports_dir>/p<NN>/p<subject_id>/s<study_id>.txt`; both None when
+    there is no reports folder or no report file.
+    """
+    if reports_dir is not None:
+        path = reports_dir / f"p{str(subject_id)[:2]}" / f"p{subject_id}" / f"s{study_id}.txt"
+        try:
+            return report_context_sections(path.read_text(encoding="utf-8", errors="replace"))
+        except FileNotFoundError:
+            pass
+    return {"indication": None, "history": None}
+
+
 @dataclass(frozen=True, eq=False)
 class MimicTables:
     """
@@ -168,6 +237,7 @@ class MimicTables:
         study_keys, prior_study_ids (`np.ndarray`): per study (sorted), the prior study or -1.
         chexpert_study_ids (`np.ndarray`), chexpert_states (`np.ndarray` of int8, one column per observation).
         split_dicom_ids, split_values (`pa.Array`, *optional*): the official split table, when given.
+        reports_dir (`Path`, *optional*): the folder of the free-text reports, when there is one.
     """
 
     annotation_file: Path
@@ -186,10 +256,17 @@ class MimicTables:
     split_file: Path | None = None
     split_dicom_ids: pa.Array | None = None
     split_values: pa.Array | None = None
+    reports_dir: Path | None = None
 
     @classmethod
     def read(
-        cls, annotation_file: Path, images_dir: Path, metadata_file: Path, chexpert_file: Path, split_file: Path | None
+        cls,
+        annotation_file: Path,
+        images_dir: Path,
+        metadata_file: Path,
+        chexpert_file: Path,
+        split_file: Path | None,
+        reports_dir: Path | None = None,
     ) -> "MimicTables":
         """Read the three tables (the split table is optional) and derive the prior study of every study."""
         table = read_table_columns(metadata_file, MIMIC_METADATA_COLUMNS)
@@ -217,6 +294,7 @@ class MimicTables:
             split_file=split_file,
             split_dicom_ids=split_table.get("dicom_id"),
             split_values=split_table.get("split"),
+            reports_dir=reports_dir,
         )
 
     def prior_study(self, study_id: int) -> int:
@@ -226,12 +304,19 @@ class MimicTables:
             return int(self.prior_study_ids[position])
         return -1
 
-    def study_image_paths(self, study_id: int, subject_id: int) -> list[str]:
-        """The image paths of a study's metadata rows (`<images_dir>/p<NN>/p<subject>/s<study>/<dicom_id>.jpg`)."""
+    def study_rows(self, study_id: int) -> pa.Array:
+        """The metadata rows of a study's images, in metadata-table order."""
         low = int(np.searchsorted(self.sorted_study_ids, study_id, side="left"))
         high = int(np.searchsorted(self.sorted_study_ids, study_id, side="right"))
-        rows = self.rows_by_study[low:high]
-        dicom_ids = self.dicom_ids.take(pa.array(rows, type=pa.int64())).to_pylist()
+        return pa.array(self.rows_by_study[low:high], type=pa.int64())
+
+    def study_view_positions(self, study_id: int) -> list[str]:
+        """The `ViewPosition` of a study's images, aligned with [`~MimicTables.study_image_paths`]."""
+        return self.view_positions.take(self.study_rows(study_id)).to_pylist()
+
+    def study_image_paths(self, study_id: int, subject_id: int) -> list[str]:
+        """The image paths of a study's metadata rows (`<images_dir>/p<NN>/p<subject>/s<study>/<dicom_id>.jpg`)."""
+        dicom_ids = self.dicom_ids.take(self.study_rows(study_id)).to_pylist()
         folder = f"{self.images_dir}{os.sep}p{str(subject_id)[:2]}{os.sep}p{subject_id}{os.sep}s{study_id}{os.sep}"
         return [f"{folder}{dicom_id}.jpg" for dicom_id in dicom_ids]
 
@@ -314,6 +399,8 @@ class MimicCxrBuilder(CdanBuilder):
         "view_positions": List(Value("string")),
         "prior_study_id": Value("int64"),
         "prior_image_paths": List(Value("string")),
+        "prior_view_positions": List(Value("string")),
+        "history": Value("string"),
     }
     DESCRIPTION = "MIMIC-CXR-JPG studies in R2Gen's MIMIC-CXR split for CDAN, with the patient's prior study."
     HOMEPAGE = "https://physionet.org/content/mimic-cxr-jpg/2.0.0/"
@@ -342,6 +429,16 @@ class MimicCxrBuilder(CdanBuilder):
         return path
 
 
+    def _reports_dir(self, images_dir: Path) -> Path | None:
+        """The free-text reports folder: the `reports_dir` option (which must exist), else the default places."""
+        option = self._option_path(self.config.reports_dir)
+        if option is not None:
+            if not option.is_dir():
+                raise FileNotFoundError(f"mimic_cxr: reports_dir {option} is not a folder.")
+            return option
+        data_dir = self._data_dir()
+        return first_existing(*([data_dir / "mimic-cxr-reports" / "files"] if data_dir else []), images_dir)
+
     def _plan(self) -> dict[str, dict[str, Any]]:
         config = self.config
         data_dir = self._data_dir()
@@ -359,6 +456,7 @@ class MimicCxrBuilder(CdanBuilder):
             metadata_file=self._table_path(config.metadata_file, "metadata", required=True),
             chexpert_file=self._table_path(config.chexpert_file, "chexpert", required=True),
             split_file=self._table_path(config.split_file, "split", required=False),
+            reports_dir=self._reports_dir(images_dir),
         )
         if self._entry_files_dir is None:
             self._entry_files_dir = tempfile.TemporaryDirectory(prefix="mimic_cxr-entries-", dir=self._cache_dir_root)
@@ -457,6 +555,7 @@ class MimicCxrBuilder(CdanBuilder):
             split_rows = pc.index_in(ids, value_set=tables.split_dicom_ids).to_numpy(zero_copy_only=False)
         study_ids = np.array([entry["study_id"] for entry in entries], dtype=np.int64)
         label_positions = np.searchsorted(tables.chexpert_study_ids, study_ids)
+        context_by_study: dict[int, dict[str, str | None]] = {}  # a study's images share its report
         for position, entry in enumerate(entries):
             study_id = entry["item_id"]
             meta_row = meta_rows[position]
@@ -518,6 +617,11 @@ class MimicCxrBuilder(CdanBuilder):
                 labels, label_source = report_labels(findings), LABEL_SOURCE_LABELER
             prior = tables.prior_study(entry["study_id"])
             view_position = tables.view_positions[meta_row].as_py()
+            if entry["study_id"] not in context_by_study:
+                context_by_study[entry["study_id"]] = read_report_context(
+                    tables.reports_dir, entry["subject_id"], entry["study_id"]
+                )
+            context = context_by_study[entry["study_id"]]
             yield (
                 study_id,
                 {
@@ -528,7 +632,7 @@ class MimicCxrBuilder(CdanBuilder):
                     "view_positions": [view_position] * len(image_paths),
                     "findings": findings,
                     "impression": None,
-                    "indication": None,
+                    "indication": context["indication"],
                     "comparison": None,
                     "chexpert_labels": labels,
                     "label_source": label_source,
@@ -536,6 +640,8 @@ class MimicCxrBuilder(CdanBuilder):
                     "study_id": entry["study_id"],
                     "prior_study_id": prior if prior >= 0 else None,
                     "prior_image_paths": tables.study_image_paths(prior, entry["subject_id"]) if prior >= 0 else [],
+                    "prior_view_positions": tables.study_view_positions(prior) if prior >= 0 else [],
+                    "history": context["history"],
                 },
             )
 
@@ -543,11 +649,14 @@ class MimicCxrBuilder(CdanBuilder):
 __all__ = [
     "ANNOTATION_ENTRY_SCHEMA",
     "MIMIC_TABLE_NAMES",
+    "REPORT_SECTION_FIELDS",
     "MimicCxrBuilder",
     "MimicCxrConfig",
     "MimicTables",
     "annotation_entry_problem",
     "prior_studies",
     "read_chexpert_states",
+    "read_report_context",
     "read_table_columns",
+    "report_context_sections",
 ]

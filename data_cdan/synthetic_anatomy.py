@@ -3,6 +3,8 @@
 Everything here works in normalised anatomical coordinates on a [`Canvas`]; `data_cdan.synthetic_cxr` draws the views.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -12,9 +14,15 @@ import PIL.Image
 
 from labeler_cdan import CHEXPERT_OBSERVATIONS
 
-
 OBSERVATION_INDEX = {name: index for index, name in enumerate(CHEXPERT_OBSERVATIONS)}
 """Position of each observation in `CHEXPERT_OBSERVATIONS`."""
+
+BOX_MIN_CONTRAST = 0.01
+"""A drawn part gets a box only if it changes the density somewhere by at least this much (about 3.5 grey levels of
+the exposed 8-bit image)."""
+
+BOX_MASK_FRACTION = 0.3
+"""A part's box bounds the pixels where its density change is at least this fraction of its largest change."""
 
 # --------------------------------------------------------------------------------------------------------------------
 # Drawing primitives on an anatomical coordinate grid
@@ -40,6 +48,9 @@ class Canvas:
     are PIL drawings of thin lines and wires, blurred slightly and then added to `density` ("density") or taken off
     `air_loss` ("air", for air bronchograms). `crop` gives a window whose arrays are views into this canvas, so local
     shapes are computed on a few pixels only.
+
+    `parts` records, for the lesion boxes, what each finding changed (see `drawing` and `add_part`); `lung_field` is
+    the lung field `compose_lungs` took the air from. Neither changes a pixel.
     """
 
     x: np.ndarray  # (rows, columns)
@@ -53,6 +64,8 @@ class Canvas:
     window: tuple[slice, slice] = (slice(None), slice(None))
     layers: dict[str, PIL.Image.Image] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    parts: list["DrawnPart"] = field(default_factory=list)
+    lung_field: np.ndarray | None = None
 
     @classmethod
     def create(cls, image_size: int, rotation: float, scale: float, shift: tuple[float, float]) -> "Canvas":
@@ -101,6 +114,7 @@ class Canvas:
             window,
             self.layers,
             self.metadata,
+            self.parts,
         )
 
     def draw(self, layer: str = "density") -> PIL.ImageDraw.ImageDraw:
@@ -120,6 +134,89 @@ class Canvas:
         if name not in self.layers:
             return None
         return _binomial_blur(np.asarray(self.layers[name], dtype=np.float32))
+
+    def _snapshot(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        copies = {"density": self.density.copy(), "air_loss": self.air_loss.copy()}
+        copies.update({f"layer {name}": np.array(image, dtype=np.float32) for name, image in self.layers.items()})
+        copies.update({name: array.copy() for name, array in arrays.items()})
+        return copies
+
+    @contextmanager
+    def drawing(self, label: str, split_sides: bool = False, **lung_arrays: np.ndarray) -> Iterator[None]:
+        """
+        Records what the drawing inside the `with` block changes, as one part of the finding `label` (one box, or one
+        per side with `split_sides`). Only reads the maps: the pixels are the same with and without it.
+
+        Args:
+            label (`str`): the observation drawn.
+            split_sides (`bool`, *optional*, defaults to `False`): box each side of the midline (x = 0) separately.
+            lung_arrays (`np.ndarray`): other full-view maps the drawing changes in place that scale the lung air
+                (the lung field, for a pneumothorax's lucency).
+        """
+        before = self._snapshot(lung_arrays)
+        yield
+        after = self._snapshot(lung_arrays)
+        direct = np.abs(after["density"] - before["density"])
+        air = np.abs(after["air_loss"] - before["air_loss"])
+        for name in self.layers:
+            change = np.abs(_binomial_blur(after[f"layer {name}"] - before.get(f"layer {name}", 0.0)))
+            if name == "air":
+                air += change
+            else:
+                direct += change
+        lung = sum((np.abs(after[name] - before[name]) for name in lung_arrays), np.zeros_like(direct))
+        self.parts.append(DrawnPart(label, direct, air, lung, split_sides))
+
+    def add_part(self, label: str, contrast: np.ndarray) -> None:
+        """Records a part of the finding `label` from its density change on the full view (`(rows, columns)`)."""
+        zeros = np.zeros_like(contrast)
+        self.parts.append(DrawnPart(label, np.abs(contrast), zeros, zeros, False))
+
+
+@dataclass
+class DrawnPart:
+    """
+    What one part of a finding changed on a view, per pixel of the full view: `direct` in density, `air` in air loss
+    (shown only inside the lung field), `lung` in the lung field itself (shown as lung air).
+    """
+
+    label: str
+    direct: np.ndarray  # (rows, columns)
+    air: np.ndarray  # (rows, columns)
+    lung: np.ndarray  # (rows, columns)
+    split_sides: bool
+
+    def contrast(self, lung_field: np.ndarray, lung_air: float) -> np.ndarray:
+        """The density change the part makes, about what the pixels show (before exposure)."""
+        return self.direct + lung_air * (self.air * np.clip(lung_field, 0.0, 1.0) + self.lung)
+
+
+def part_boxes(canvas: Canvas, lung_air: float) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """
+    The box of each recorded part of a drawn view: the pixels where the part changes the density by at least
+    `BOX_MASK_FRACTION` of its largest change, for parts whose largest change is at least `BOX_MIN_CONTRAST`.
+
+    Args:
+        canvas (`Canvas`): the full view, after `compose_lungs`.
+        lung_air (`float`): the anatomy's lung air (what an air loss of 1 takes off the density).
+
+    Returns:
+        `list[tuple[str, tuple[int, int, int, int]]]`: `(label, (x_min, y_min, x_max, y_max))` per box, in pixels
+        (pixel `(column, row)` covers `[column, column + 1) x [row, row + 1)`), in drawing order.
+    """
+    lung_field = canvas.lung_field if canvas.lung_field is not None else np.zeros_like(canvas.density)
+    boxes = []
+    for part in canvas.parts:
+        contrast = part.contrast(lung_field, lung_air)  # (rows, columns)
+        regions = [canvas.x < 0, canvas.x >= 0] if part.split_sides else [np.ones(contrast.shape, dtype=bool)]
+        for region in regions:
+            peak = float(contrast.max(initial=0.0, where=region))
+            if peak < BOX_MIN_CONTRAST:
+                continue
+            rows, columns = np.nonzero((contrast >= BOX_MASK_FRACTION * peak) & region)
+            box = (int(columns.min()), int(rows.min()), int(columns.max()) + 1, int(rows.max()) + 1)
+            boxes.append((part.label, box))
+    return boxes
 
 
 # The primitives work in place on one fresh array each: at 256 px, memory traffic is most of the rendering time.
@@ -533,6 +630,7 @@ def compose_lungs(
     texture: np.ndarray,
 ) -> None:
     """Takes the remaining lung air off the density map and adds the vessel markings it shows."""
+    canvas.lung_field = lung_field
     air_layer = canvas.layer("air")
     air_loss = canvas.air_loss if air_layer is None else canvas.air_loss - air_layer
     aeration = 1.0 - np.clip(air_loss, 0.0, 1.0)
@@ -542,9 +640,12 @@ def compose_lungs(
 
 
 __all__ = [
+    "BOX_MASK_FRACTION",
+    "BOX_MIN_CONTRAST",
+    "OBSERVATION_INDEX",
     "Anatomy",
     "Canvas",
-    "OBSERVATION_INDEX",
+    "DrawnPart",
     "add_blobs",
     "add_lesion",
     "bezier",
@@ -555,6 +656,7 @@ __all__ = [
     "gaussian",
     "inside_mask",
     "lung_markings",
+    "part_boxes",
     "patch_texture",
     "ramp",
     "sample_anatomy",

@@ -5,6 +5,12 @@ its 14 CheXpert states (POSITIVE at full strength, UNCERTAIN at `UNCERTAIN_STREN
 drawn), following the radiographic signs of the Fleischner Society glossary (Hansell et al., Radiology 246(3), 2008).
 Every image carries "SYNTHETIC" in its top-left corner and `save_png` writes PNG text chunks saying so. Rendering is
 deterministic for a seed, with one random stream per purpose (anatomy, each finding, each view). More: docs/data.md.
+
+Each view's metadata also holds the true lesion boxes (`BOXED_OBSERVATIONS`), measured from what was drawn: while a
+finding is drawn the canvas records how much it changes the density (through the lung air where it takes air away)
+at every pixel of the posed view, and the box bounds the pixels where that change is at least `BOX_MASK_FRACTION` of
+its peak (parts peaking below `BOX_MIN_CONTRAST` get none). Recording only reads the maps and draws no random number,
+so the pixels are those of a renderer without boxes.
 """
 
 from collections.abc import Mapping, Sequence
@@ -19,10 +25,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from labeler_cdan import CHEXPERT_OBSERVATIONS, NEGATIVE, NOT_MENTIONED, POSITIVE, UNCERTAIN
 
+from .boxes import LesionBox
 from .synthetic_anatomy import (
+    BOX_MASK_FRACTION,
+    BOX_MIN_CONTRAST,
+    OBSERVATION_INDEX,
     Anatomy,
     Canvas,
-    OBSERVATION_INDEX,
     add_blobs,
     add_lesion,
     bezier,
@@ -33,6 +42,7 @@ from .synthetic_anatomy import (
     gaussian,
     inside_mask,
     lung_markings,
+    part_boxes,
     patch_texture,
     ramp,
     sample_anatomy,
@@ -63,6 +73,21 @@ PNG_TEXT_CHUNKS = {
 
 MIN_IMAGE_SIZE = 64
 """Smallest image side the renderer accepts (the marker needs 56 pixels)."""
+
+BOXED_OBSERVATIONS = tuple(
+    name for name in CHEXPERT_OBSERVATIONS if name not in ("No Finding", "Enlarged Cardiomediastinum")
+)
+"""
+The observations that get boxes (labelled with the observation's name), in `CHEXPERT_OBSERVATIONS` order:
+- one box per drawn part: Edema one per side on the frontal view (perihilar haze with the Kerley lines of that
+  side) and one on the lateral, Pleural Effusion one per effusion side on the frontal view, Support Devices one per
+  device (sternotomy wires, pacemaker with its lead, central line), every other finding one per view;
+- Cardiomegaly boxes the heart shadow above the diaphragm (as VinDr-CXR boxes "Cardiomegaly"), also at UNCERTAIN;
+- Fracture (a broken posterior rib: gap and callus; the shifted rib beyond it is not boxed) only on the frontal
+  view, where it is drawn.
+No box: No Finding, Enlarged Cardiomediastinum (a diffuse widening of the whole mediastinum, drawn as anatomy) and
+Pleural Other on a view where the thickening lies outside the lung field.
+"""
 
 _LABEL_STATES = (POSITIVE, NEGATIVE, UNCERTAIN, NOT_MENTIONED)
 
@@ -145,7 +170,9 @@ def _draw_frontal(canvas: Canvas, anatomy: Anatomy, findings: dict[str, dict], r
     knob_x = anatomy.mediastinum_half_width + 0.02
     knob = canvas.crop((knob_x - 0.08, knob_x + 0.08), (-0.41, -0.25))
     np.maximum(silhouette[knob.window], soft_ellipse(knob, knob_x, -0.33, 0.065, 0.06), out=silhouette[knob.window])
-    density += 0.04 * heart * ramp(min(anatomy.dome_top) + 0.03 - y, 0.06)
+    above_diaphragm = ramp(min(anatomy.dome_top) + 0.03 - y, 0.06)
+    density += 0.04 * heart * above_diaphragm
+    canvas.add_part("Cardiomegaly", anatomy.lung_air * heart * above_diaphragm)  # kept only when enlarged
     # Lungs: tapered ellipses cut by the hemidiaphragm domes and the silhouette, each on its own half of the view.
     lung_field = np.zeros_like(x)
     lung_radii = {}
@@ -161,7 +188,8 @@ def _draw_frontal(canvas: Canvas, anatomy: Anatomy, findings: dict[str, dict], r
         canvas, rng, np.sqrt(np.square(lateral - 0.17) + np.square(y - anatomy.hilum_y))
     )
     if (params := findings.get("Pneumothorax")) is not None:
-        _frontal_pneumothorax(canvas, anatomy, params, lung_field, lung_radii[params["side"]], markings)
+        with canvas.drawing("Pneumothorax", lung_field=lung_field):
+            _frontal_pneumothorax(canvas, anatomy, params, lung_field, lung_radii[params["side"]], markings)
     # Bones: spine, clavicles, humeral heads, ribs.
     vertebrae = 0.75 + 0.25 * np.square(np.cos(y * (np.pi / 0.115)))
     density += 0.12 * soft_band(x, 0.065) * vertebrae
@@ -205,10 +233,13 @@ def _ribs(canvas: Canvas, anatomy: Anatomy, fracture: dict | None, lateral: np.n
     posterior = (0.55 * soft_band(rib_offset, 0.2) + 0.45 * soft_band(rib_offset - 0.16, 0.05)) * cage * (phase < 10.5)
     if fracture is not None:
         gap = np.exp(-np.square((lateral - fracture["lateral"]) * (1.0 / fracture["gap"])))
-        posterior *= 1.0 - fracture["strength"] * gap * near_rib
+        broken = fracture["strength"] * gap * near_rib
+        removed = 0.07 * posterior * broken  # the bone the gap takes off (for the box only)
+        posterior *= 1.0 - broken
         callus = np.exp(-np.square((lateral - fracture["lateral"]) * (1.0 / (4.5 * fracture["gap"]))))
         callus *= np.exp(-np.square((phase - fracture["rib"]) * 1.8)) * on_side * (1.0 - 0.6 * gap)
         canvas.density += (0.24 * fracture["strength"]) * callus
+        canvas.add_part("Fracture", removed + (0.24 * fracture["strength"]) * callus)
         canvas.metadata["fracture"] = {"side": fracture["side"], "rib": fracture["rib"]}
     anterior_phase = (y + 0.6 * lateral + 0.55 + anatomy.rib_shift) * (1.0 / (anatomy.rib_spacing * 1.15))
     anterior = soft_band(anterior_phase - np.round(anterior_phase), 0.2) * cage * ramp(lateral - 0.22, 0.12)
@@ -252,62 +283,70 @@ def _draw_frontal_findings(
     canvas: Canvas, anatomy: Anatomy, findings: dict[str, dict], lung_radii: dict[int, np.ndarray]
 ) -> None:
     if (params := findings.get("Lung Opacity")) is not None:
-        (sx, sy), cx, cy = params["sigma"], params["x"], params["y"]
-        patch = canvas.crop((cx - 3 * sx, cx + 3 * sx), (cy - 3 * sy, cy + 3 * sy))
-        opacity = gaussian(patch, cx, cy, sx, sy) * patch_texture(params, patch, 10)
-        patch.air_loss += (params["strength"] * params["air_loss"]) * opacity
+        with canvas.drawing("Lung Opacity"):
+            (sx, sy), cx, cy = params["sigma"], params["x"], params["y"]
+            patch = canvas.crop((cx - 3 * sx, cx + 3 * sx), (cy - 3 * sy, cy + 3 * sy))
+            opacity = gaussian(patch, cx, cy, sx, sy) * patch_texture(params, patch, 10)
+            patch.air_loss += (params["strength"] * params["air_loss"]) * opacity
     if (params := findings.get("Consolidation")) is not None:
-        side, direction = params["side"], 1.0 if params["lower"] else -1.0
-        lung = canvas.crop(side_range(side, 0.0, 0.75), (0.0 - 0.2, 1.0) if params["lower"] else (-0.85, 0.0))
-        boundary = params["fissure_y"] + params["fissure_slope"] * (lung.x * side - 0.3)
-        lobe = ramp((lung.y - boundary) * direction, 0.05) * ((lung.x * side) > 0.0)
-        lung.air_loss += (params["strength"] * params["air_loss"]) * lobe * patch_texture(params, lung, 14)
-        start = np.array([side * 0.2, params["fissure_y"] - 0.1 * params["fissure_slope"] + direction * 0.04])
-        for angle in params["bronchogram_angles"]:
-            heading = np.array([side * np.cos(angle + 0.7), direction * np.sin(angle + 0.7)])
-            canvas.polyline(np.stack([start, start + 0.28 * heading]), 0.6 * params["strength"], 0.014, "air")
+        with canvas.drawing("Consolidation"):
+            side, direction = params["side"], 1.0 if params["lower"] else -1.0
+            lung = canvas.crop(side_range(side, 0.0, 0.75), (0.0 - 0.2, 1.0) if params["lower"] else (-0.85, 0.0))
+            boundary = params["fissure_y"] + params["fissure_slope"] * (lung.x * side - 0.3)
+            lobe = ramp((lung.y - boundary) * direction, 0.05) * ((lung.x * side) > 0.0)
+            lung.air_loss += (params["strength"] * params["air_loss"]) * lobe * patch_texture(params, lung, 14)
+            start = np.array([side * 0.2, params["fissure_y"] - 0.1 * params["fissure_slope"] + direction * 0.04])
+            for angle in params["bronchogram_angles"]:
+                heading = np.array([side * np.cos(angle + 0.7), direction * np.sin(angle + 0.7)])
+                canvas.polyline(np.stack([start, start + 0.28 * heading]), 0.6 * params["strength"], 0.014, "air")
     if (params := findings.get("Pneumonia")) is not None:
-        add_blobs(canvas, params["blobs"], params, 24)
+        with canvas.drawing("Pneumonia"):
+            add_blobs(canvas, params["blobs"], params, 24)
     if (params := findings.get("Lung Lesion")) is not None:
-        add_lesion(canvas, params["x"], params["y"], params)
+        with canvas.drawing("Lung Lesion"):
+            add_lesion(canvas, params["x"], params["y"], params)
     if (params := findings.get("Edema")) is not None:
-        spread = params["spread"]
-        hilum_y = anatomy.hilum_y + 0.05
-        hila = canvas.crop((-0.2 - 3 * spread, 0.2 + 3 * spread), (hilum_y - 3.9 * spread, hilum_y + 3.9 * spread))
-        haze = sum(gaussian(hila, side * 0.2, hilum_y, spread, spread * 1.3) for side in (-1, 1))
-        hila.air_loss += (params["strength"] * params["air_loss"]) * haze
-        for side, height, length in params["kerley_lines"]:
-            outer = side * (anatomy.lung_center_x + anatomy.lung_radius_x * 0.93)
-            line_y = float(anatomy.dome(outer, side)) - 0.07 - height
-            line = np.array([[outer, line_y], [outer - side * length, line_y]])
-            canvas.polyline(line, 0.15 * params["strength"], 0.01)
+        with canvas.drawing("Edema", split_sides=True):
+            spread = params["spread"]
+            hilum_y = anatomy.hilum_y + 0.05
+            hila = canvas.crop((-0.2 - 3 * spread, 0.2 + 3 * spread), (hilum_y - 3.9 * spread, hilum_y + 3.9 * spread))
+            haze = sum(gaussian(hila, side * 0.2, hilum_y, spread, spread * 1.3) for side in (-1, 1))
+            hila.air_loss += (params["strength"] * params["air_loss"]) * haze
+            for side, height, length in params["kerley_lines"]:
+                outer = side * (anatomy.lung_center_x + anatomy.lung_radius_x * 0.93)
+                line_y = float(anatomy.dome(outer, side)) - 0.07 - height
+                line = np.array([[outer, line_y], [outer - side * length, line_y]])
+                canvas.polyline(line, 0.15 * params["strength"], 0.01)
     if (params := findings.get("Atelectasis")) is not None:
-        side = params["side"]
-        cx = side * (anatomy.lung_center_x + params["x_offset"])
-        cy = float(anatomy.dome(cx, side)) - params["height"]
-        reach = params["length"]
-        plate = canvas.crop((cx - reach, cx + reach), (cy - reach, cy + reach))
-        cosine, sine = float(np.cos(params["angle"])), float(np.sin(params["angle"]))
-        dx, dy = plate.x - cx, plate.y - cy
-        band = soft_band(dy * cosine - dx * sine, max(params["thickness"], canvas.pixel))
-        band *= ramp(params["length"] / 2 - np.abs(dx * cosine + dy * sine), 0.05)
-        plate.air_loss += (0.85 * params["strength"]) * band
+        with canvas.drawing("Atelectasis"):
+            side = params["side"]
+            cx = side * (anatomy.lung_center_x + params["x_offset"])
+            cy = float(anatomy.dome(cx, side)) - params["height"]
+            reach = params["length"]
+            plate = canvas.crop((cx - reach, cx + reach), (cy - reach, cy + reach))
+            cosine, sine = float(np.cos(params["angle"])), float(np.sin(params["angle"]))
+            dx, dy = plate.x - cx, plate.y - cy
+            band = soft_band(dy * cosine - dx * sine, max(params["thickness"], canvas.pixel))
+            band *= ramp(params["length"] / 2 - np.abs(dx * cosine + dy * sine), 0.05)
+            plate.air_loss += (0.85 * params["strength"]) * band
     if (params := findings.get("Pleural Effusion")) is not None:
         for side, height in zip(params["sides"], params["heights"]):
-            height *= 0.5 + 0.5 * params["strength"]
-            angle_x, angle_y = anatomy.costophrenic_angle(side)
-            base = canvas.crop(side_range(side, 0.0, 0.8), (angle_y - height - 0.05, 1.0))
-            medial = anatomy.lung_center_x - 0.6 * anatomy.lung_radius_x
-            lateral = np.clip((base.x * side - medial) * (1.0 / (abs(angle_x) - medial)), 0.0, 1.0)
-            meniscus = angle_y - height * (0.35 + 0.65 * np.square(lateral))
-            base.air_loss += params["strength"] * ramp(base.y - meniscus, 0.04) * ((base.x * side) > 0.0)
+            with canvas.drawing("Pleural Effusion"):
+                height *= 0.5 + 0.5 * params["strength"]
+                angle_x, angle_y = anatomy.costophrenic_angle(side)
+                base = canvas.crop(side_range(side, 0.0, 0.8), (angle_y - height - 0.05, 1.0))
+                medial = anatomy.lung_center_x - 0.6 * anatomy.lung_radius_x
+                lateral = np.clip((base.x * side - medial) * (1.0 / (abs(angle_x) - medial)), 0.0, 1.0)
+                meniscus = angle_y - height * (0.35 + 0.65 * np.square(lateral))
+                base.air_loss += params["strength"] * ramp(base.y - meniscus, 0.04) * ((base.x * side) > 0.0)
     if (params := findings.get("Pleural Other")) is not None:
-        side, top, bottom = params["side"], params["top"], params["top"] + params["length"]
-        wall = canvas.crop(side_range(side, 0.0, 0.75), (-0.85, 1.0))
-        depth_inside = (1.0 - lung_radii[side]) * anatomy.lung_radius_x
-        thickness = params["thickness"] * (1.0 + 0.35 * np.cos(wall.y * 14.0 + params["phase"]))
-        rind = ramp(thickness - depth_inside, 0.012) * ramp(wall.y - top, 0.05) * ramp(bottom - wall.y, 0.05)
-        wall.air_loss += params["strength"] * rind * ((wall.x * side) > 0.2)
+        with canvas.drawing("Pleural Other"):
+            side, top, bottom = params["side"], params["top"], params["top"] + params["length"]
+            wall = canvas.crop(side_range(side, 0.0, 0.75), (-0.85, 1.0))
+            depth_inside = (1.0 - lung_radii[side]) * anatomy.lung_radius_x
+            thickness = params["thickness"] * (1.0 + 0.35 * np.cos(wall.y * 14.0 + params["phase"]))
+            rind = ramp(thickness - depth_inside, 0.012) * ramp(wall.y - top, 0.05) * ramp(bottom - wall.y, 0.05)
+            wall.air_loss += params["strength"] * rind * ((wall.x * side) > 0.2)
     if (params := findings.get("Support Devices")) is not None:
         _draw_frontal_devices(canvas, anatomy, params)
 
@@ -315,19 +354,22 @@ def _draw_frontal_findings(
 def _draw_frontal_devices(canvas: Canvas, anatomy: Anatomy, params: dict) -> None:
     strength = params["strength"]
     if "sternotomy" in params["kinds"]:
-        wire_y = np.linspace(params["wire_top"], params["wire_bottom"], params["wire_count"])
-        draw_wire_loops(canvas, np.stack([np.full_like(wire_y, 0.01), wire_y], axis=1), 0.6 * strength, 0.028)
+        with canvas.drawing("Support Devices"):
+            wire_y = np.linspace(params["wire_top"], params["wire_bottom"], params["wire_count"])
+            draw_wire_loops(canvas, np.stack([np.full_like(wire_y, 0.01), wire_y], axis=1), 0.6 * strength, 0.028)
     if "pacemaker" in params["kinds"]:
-        side = params["pacemaker_side"]
-        box_x, box_y = side * params["pacemaker_xy"][0], params["pacemaker_xy"][1]
-        draw_box(canvas, (box_x, box_y), (0.07, 0.05), 0.6 * strength)
-        tip = (0.3 * anatomy.heart_span[1], anatomy.heart_base_y - 0.08)
-        lead = bezier((box_x - side * 0.05, box_y + 0.03), (side * 0.03, -0.55), tip)
-        canvas.polyline(lead, 0.45 * strength, 0.012)
+        with canvas.drawing("Support Devices"):
+            side = params["pacemaker_side"]
+            box_x, box_y = side * params["pacemaker_xy"][0], params["pacemaker_xy"][1]
+            draw_box(canvas, (box_x, box_y), (0.07, 0.05), 0.6 * strength)
+            tip = (0.3 * anatomy.heart_span[1], anatomy.heart_base_y - 0.08)
+            lead = bezier((box_x - side * 0.05, box_y + 0.03), (side * 0.03, -0.55), tip)
+            canvas.polyline(lead, 0.45 * strength, 0.012)
     if "central_line" in params["kinds"]:
-        side = params["line_side"]
-        line = bezier((side * 0.4, -0.98), (side * 0.1, -0.72), (0.04 * side - 0.02, params["line_tip_y"]))
-        canvas.polyline(line, 0.35 * strength, 0.014)
+        with canvas.drawing("Support Devices"):
+            side = params["line_side"]
+            line = bezier((side * 0.4, -0.98), (side * 0.1, -0.72), (0.04 * side - 0.02, params["line_tip_y"]))
+            canvas.polyline(line, 0.35 * strength, 0.014)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -374,25 +416,28 @@ def _draw_lateral(canvas: Canvas, anatomy: Anatomy, findings: dict[str, dict], r
         anterior_mediastinum = soft_ellipse(front, -0.38, -0.3, 0.06 + 0.08 * widening, 0.22) * widening
         np.maximum(silhouette[front.window], anterior_mediastinum, out=silhouette[front.window])
     lung_field *= 1.0 - silhouette
-    density += 0.04 * heart * ramp(0.03 - below_dome, 0.06)
+    above_diaphragm = ramp(0.03 - below_dome, 0.06)
+    density += 0.04 * heart * above_diaphragm
+    canvas.add_part("Cardiomegaly", anatomy.lung_air * heart * above_diaphragm)  # kept only when enlarged
     hilar_distance = np.sqrt(np.square(x - 0.06) + np.square(y - anatomy.hilum_y - 0.04))
     texture, markings = lung_markings(canvas, rng, hilar_distance)
     if (params := findings.get("Pneumothorax")) is not None:
-        strength = params["strength"]
-        apex_gap = params["collapse"] * strength**0.5 * 0.6
-        apex = canvas.crop((cx - rx, cx + rx), (cy - ry, -0.2))
-        collapsed = ellipse_radius(
-            apex, cx, cy + ry * apex_gap * 0.6, rx * (1.0 - apex_gap * 0.3), ry * (1.0 - apex_gap * 0.5)
-        )
-        collapsed -= 1.0
-        collapsed *= rx
-        apex_radius = lung_radius[apex.window]
-        within = (apex_radius < 1.0) * ramp(-0.25 - apex.y, 0.1)
-        pleural_space = ramp(collapsed, edge) * within
-        line = soft_band(collapsed, max(0.008, 0.6 * canvas.pixel)) * within * (apex_radius < 0.97)
-        apex.density += (0.1 * strength) * line
-        markings[apex.window] *= 1.0 - strength * pleural_space
-        lung_field[apex.window] += (params["lucency"] * strength / anatomy.lung_air) * pleural_space
+        with canvas.drawing("Pneumothorax", lung_field=lung_field):
+            strength = params["strength"]
+            apex_gap = params["collapse"] * strength**0.5 * 0.6
+            apex = canvas.crop((cx - rx, cx + rx), (cy - ry, -0.2))
+            collapsed = ellipse_radius(
+                apex, cx, cy + ry * apex_gap * 0.6, rx * (1.0 - apex_gap * 0.3), ry * (1.0 - apex_gap * 0.5)
+            )
+            collapsed -= 1.0
+            collapsed *= rx
+            apex_radius = lung_radius[apex.window]
+            within = (apex_radius < 1.0) * ramp(-0.25 - apex.y, 0.1)
+            pleural_space = ramp(collapsed, edge) * within
+            line = soft_band(collapsed, max(0.008, 0.6 * canvas.pixel)) * within * (apex_radius < 0.97)
+            apex.density += (0.1 * strength) * line
+            markings[apex.window] *= 1.0 - strength * pleural_space
+            lung_field[apex.window] += (params["lucency"] * strength / anatomy.lung_air) * pleural_space
     # Bones and airway: trachea, vertebral bodies with disc spaces, posterior elements, sternum, posterior ribs.
     density -= 0.05 * soft_band(x - (-0.02 + 0.12 * (y + 1.0)), 0.045) * ramp(-0.2 - y, 0.08)
     spine_x = 0.4 + 0.06 * y - 0.08 * np.square(y)
@@ -420,59 +465,74 @@ def _draw_lateral_findings(
 ) -> None:
     cx, _, rx, _ = _LATERAL_LUNG
     if (params := findings.get("Lung Opacity")) is not None:
-        sigma, px, py = params["sigma"][1], _lateral_x(params["depth"]), params["y"]
-        patch = canvas.crop((px - 3 * sigma, px + 3 * sigma), (py - 3 * sigma, py + 3 * sigma))
-        opacity = gaussian(patch, px, py, sigma, sigma) * patch_texture(params, patch, 10)
-        patch.air_loss += (params["strength"] * params["air_loss"] * 0.8) * opacity
+        with canvas.drawing("Lung Opacity"):
+            sigma, px, py = params["sigma"][1], _lateral_x(params["depth"]), params["y"]
+            patch = canvas.crop((px - 3 * sigma, px + 3 * sigma), (py - 3 * sigma, py + 3 * sigma))
+            opacity = gaussian(patch, px, py, sigma, sigma) * patch_texture(params, patch, 10)
+            patch.air_loss += (params["strength"] * params["air_loss"] * 0.8) * opacity
     if (params := findings.get("Consolidation")) is not None:
-        px, py = _lateral_x(params["depth"]), params["fissure_y"] + (0.2 if params["lower"] else -0.2)
-        patch = canvas.crop((px - 0.6, px + 0.6), (py - 0.45, py + 0.45))
-        opacity = np.clip(1.4 * gaussian(patch, px, py, 0.2, 0.15), 0.0, 1.0) * patch_texture(params, patch, 14)
-        patch.air_loss += (params["strength"] * params["air_loss"]) * opacity
+        with canvas.drawing("Consolidation"):
+            px, py = _lateral_x(params["depth"]), params["fissure_y"] + (0.2 if params["lower"] else -0.2)
+            patch = canvas.crop((px - 0.6, px + 0.6), (py - 0.45, py + 0.45))
+            opacity = np.clip(1.4 * gaussian(patch, px, py, 0.2, 0.15), 0.0, 1.0) * patch_texture(params, patch, 14)
+            patch.air_loss += (params["strength"] * params["air_loss"]) * opacity
     if (params := findings.get("Pneumonia")) is not None:
-        origin_x, depth_x = params["blobs"][0][0], _lateral_x(params["depth"])
-        blobs = [(depth_x + 0.8 * (bx - origin_x), by, radius) for bx, by, radius in params["blobs"]]
-        add_blobs(canvas, blobs, params, 24)
+        with canvas.drawing("Pneumonia"):
+            origin_x, depth_x = params["blobs"][0][0], _lateral_x(params["depth"])
+            blobs = [(depth_x + 0.8 * (bx - origin_x), by, radius) for bx, by, radius in params["blobs"]]
+            add_blobs(canvas, blobs, params, 24)
     if (params := findings.get("Lung Lesion")) is not None:
-        add_lesion(canvas, _lateral_x(params["depth"]), params["y"], params)
+        with canvas.drawing("Lung Lesion"):
+            add_lesion(canvas, _lateral_x(params["depth"]), params["y"], params)
     if (params := findings.get("Edema")) is not None:
-        spread, hilum_y = params["spread"] * 1.4, anatomy.hilum_y + 0.05
-        hila = canvas.crop((0.04 - 3 * spread, 0.04 + 3 * spread), (hilum_y - 3 * spread, hilum_y + 3 * spread))
-        hila.air_loss += (params["strength"] * params["air_loss"]) * gaussian(hila, 0.04, hilum_y, spread, spread)
+        with canvas.drawing("Edema"):
+            spread, hilum_y = params["spread"] * 1.4, anatomy.hilum_y + 0.05
+            hila = canvas.crop((0.04 - 3 * spread, 0.04 + 3 * spread), (hilum_y - 3 * spread, hilum_y + 3 * spread))
+            hila.air_loss += (params["strength"] * params["air_loss"]) * gaussian(hila, 0.04, hilum_y, spread, spread)
     if (params := findings.get("Atelectasis")) is not None:
-        plate_y = float(_lateral_dome(anatomy, 0.0)) - params["height"]
-        plate = canvas.crop((-0.5, 0.6), (plate_y - 0.3, plate_y + 0.3))
-        band = soft_band((plate.y - plate_y) - 0.4 * params["angle"] * plate.x, max(params["thickness"], canvas.pixel))
-        band *= ramp(params["length"] * 0.9 - np.abs(plate.x - 0.05), 0.05)
-        plate.air_loss += (0.6 * params["strength"]) * band
+        with canvas.drawing("Atelectasis"):
+            plate_y = float(_lateral_dome(anatomy, 0.0)) - params["height"]
+            plate = canvas.crop((-0.5, 0.6), (plate_y - 0.3, plate_y + 0.3))
+            band = soft_band(
+                (plate.y - plate_y) - 0.4 * params["angle"] * plate.x, max(params["thickness"], canvas.pixel)
+            )
+            band *= ramp(params["length"] * 0.9 - np.abs(plate.x - 0.05), 0.05)
+            plate.air_loss += (0.6 * params["strength"]) * band
     if (params := findings.get("Pleural Effusion")) is not None:
-        height = max(params["heights"]) * (0.5 + 0.5 * params["strength"])
-        sulcus_y = float(_lateral_dome(anatomy, 0.5))
-        base = canvas.crop((-0.3, 0.8), (sulcus_y - 1.2 * height - 0.05, 1.0))
-        posterior = np.clip((base.x + 0.2) * (1.0 / 0.75), 0.0, 1.1)
-        meniscus = sulcus_y - height * (0.2 + 0.9 * np.square(posterior))
-        base.air_loss += params["strength"] * ramp(base.y - meniscus, 0.04)
+        with canvas.drawing("Pleural Effusion"):
+            height = max(params["heights"]) * (0.5 + 0.5 * params["strength"])
+            sulcus_y = float(_lateral_dome(anatomy, 0.5))
+            base = canvas.crop((-0.3, 0.8), (sulcus_y - 1.2 * height - 0.05, 1.0))
+            posterior = np.clip((base.x + 0.2) * (1.0 / 0.75), 0.0, 1.1)
+            meniscus = sulcus_y - height * (0.2 + 0.9 * np.square(posterior))
+            base.air_loss += params["strength"] * ramp(base.y - meniscus, 0.04)
     if (params := findings.get("Pleural Other")) is not None:
-        top, bottom = params["top"], params["top"] + params["length"]
-        wall = canvas.crop((0.2, cx + rx + 0.05), (top - 0.05, bottom + 0.05))
-        depth_inside = (1.0 - lung_radius[wall.window]) * rx
-        rind = (
-            ramp(params["thickness"] - depth_inside, 0.012) * ramp(wall.y - top, 0.05) * ramp(bottom - wall.y, 0.05)
-        )
-        wall.air_loss += params["strength"] * rind * (wall.x > 0.2)
+        with canvas.drawing("Pleural Other"):
+            top, bottom = params["top"], params["top"] + params["length"]
+            wall = canvas.crop((0.2, cx + rx + 0.05), (top - 0.05, bottom + 0.05))
+            depth_inside = (1.0 - lung_radius[wall.window]) * rx
+            rind = (
+                ramp(params["thickness"] - depth_inside, 0.012)
+                * ramp(wall.y - top, 0.05)
+                * ramp(bottom - wall.y, 0.05)
+            )
+            wall.air_loss += params["strength"] * rind * (wall.x > 0.2)
     if (params := findings.get("Support Devices")) is not None:
         strength = params["strength"]
         if "sternotomy" in params["kinds"]:
-            wire_y = np.linspace(params["wire_top"], params["wire_bottom"], params["wire_count"])
-            draw_wire_loops(canvas, np.stack([-0.6 + 0.08 * (wire_y + 0.6), wire_y], axis=1), 0.6 * strength, 0.02)
+            with canvas.drawing("Support Devices"):
+                wire_y = np.linspace(params["wire_top"], params["wire_bottom"], params["wire_count"])
+                draw_wire_loops(canvas, np.stack([-0.6 + 0.08 * (wire_y + 0.6), wire_y], axis=1), 0.6 * strength, 0.02)
         if "pacemaker" in params["kinds"]:
-            box_y = params["pacemaker_xy"][1]
-            draw_box(canvas, (-0.6, box_y), (0.045, 0.065), 0.6 * strength)
-            lead = bezier((-0.56, box_y), (-0.1, -0.45), (-0.35, anatomy.heart_base_y - 0.04))
-            canvas.polyline(lead, 0.4 * strength, 0.012)
+            with canvas.drawing("Support Devices"):
+                box_y = params["pacemaker_xy"][1]
+                draw_box(canvas, (-0.6, box_y), (0.045, 0.065), 0.6 * strength)
+                lead = bezier((-0.56, box_y), (-0.1, -0.45), (-0.35, anatomy.heart_base_y - 0.04))
+                canvas.polyline(lead, 0.4 * strength, 0.012)
         if "central_line" in params["kinds"]:
-            line = bezier((-0.2, -1.0), (-0.08, -0.6), (-0.16, params["line_tip_y"]))
-            canvas.polyline(line, 0.3 * strength, 0.014)
+            with canvas.drawing("Support Devices"):
+                line = bezier((-0.2, -1.0), (-0.08, -0.6), (-0.16, params["line_tip_y"]))
+                canvas.polyline(line, 0.3 * strength, 0.014)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -533,7 +593,8 @@ def render_view(
     Returns:
         `(image, metadata)`: an 8-bit greyscale ("L") image, and a dict describing what was drawn: the view, the
         drawn findings, the cardiothoracic ratio (and on the frontal view the heart and thorax widths in pixels),
-        and the pose jitter.
+        the pose jitter, and `boxes`, a list of [`LesionBox`] (xyxy in pixels of this image, label an observation
+        of `BOXED_OBSERVATIONS`, score 1, source "annotated"; see the module docstring).
     """
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}.")
@@ -555,6 +616,11 @@ def render_view(
     draw_view = _draw_frontal if view == "frontal" else _draw_lateral
     draw_view(canvas, anatomy, findings, view_rng)
     pixels = _expose(canvas, view_rng)
+    boxes = [
+        LesionBox(*box, label=label)
+        for label, box in part_boxes(canvas, anatomy.lung_air)
+        if strengths[OBSERVATION_INDEX[label]] > 0
+    ]
     metadata = {
         "view": view,
         "findings": {name: params["strength"] for name, params in findings.items()},
@@ -562,6 +628,7 @@ def render_view(
         "scale": canvas.scale,
         "shift": canvas.shift,
         **canvas.metadata,
+        "boxes": boxes,
     }
     return PIL.Image.fromarray(pixels), metadata
 
@@ -621,6 +688,9 @@ def save_png(
 
 
 __all__ = [
+    "BOXED_OBSERVATIONS",
+    "BOX_MASK_FRACTION",
+    "BOX_MIN_CONTRAST",
     "MIN_IMAGE_SIZE",
     "NEGATIVE",
     "NOT_MENTIONED",

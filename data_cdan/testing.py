@@ -145,7 +145,10 @@ def truncate_file(source: Path, destination: Path, keep_fraction: float = 0.5) -
 
 @dataclass
 class MimicStudy:
-    """One generated MIMIC-CXR study: its images (dicom ids and ViewPosition), date, labels, report and split."""
+    """
+    One generated MIMIC-CXR study: its images (dicom ids and ViewPosition), date, labels, report and split, and
+    optionally its free-text report file (`report_file_text`, written as `files/p<NN>/p<subject>/s<study>.txt`).
+    """
 
     subject_id: int
     study_id: int
@@ -158,6 +161,7 @@ class MimicStudy:
     split: str = "train"
     in_annotation: bool = True
     in_chexpert: bool = True
+    report_file_text: str | None = None
 
 
 def mimic_image_path(study: MimicStudy, dicom_id: str) -> str:
@@ -178,13 +182,18 @@ def write_mimic_fixture(
 
     Metadata rows are shuffled so that row order never gives the study order away. Images are symlinks to one real
     JPEG. Splits are written as R2Gen does in the annotation (`val`) and as MIMIC does in the split table
-    (`validate`).
+    (`validate`). A study's `report_file_text` is written where the extracted `mimic-cxr-reports.zip` puts it,
+    `files/p<NN>/p<subject_id>/s<study_id>.txt`.
     """
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     annotation: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     metadata_rows, split_rows, chexpert_rows = [], [], []
     for study in studies:
+        if study.report_file_text is not None:
+            report_path = root / "files" / f"p{str(study.subject_id)[:2]}" / f"p{study.subject_id}"
+            report_path.mkdir(parents=True, exist_ok=True)
+            (report_path / f"s{study.study_id}.txt").write_text(study.report_file_text, encoding="utf-8")
         for dicom_id, view_position in zip(study.dicom_ids, study.view_positions):
             path = mimic_image_path(study, dicom_id)
             if study.in_annotation:

@@ -18,12 +18,24 @@ each timed call the script waits (at most `--max_idle_wait` s) for the CPUs to b
 much CPU other processes took during the call, and replaces a call during which they took `--max_foreign_load` (10 %)
 of the machine or more, with at most `--max_extra_runs` extra calls. A row whose every call was contended is marked
 `*`.
+
+`--variants` adds CDAN rows prepared for faster inference (`inference_cdan.optimize_for_inference`), each in its own
+subprocess and timed the same way, beside the float32 row of the same setting, with their speed-up over it: `fp32`
+(the default, the only row without the option), `int8` (dynamic int8 linear layers), `bf16` (bfloat16 autocast; a
+CPU without AVX512-BF16 or AMX skips the row with the reason), `compile` (the visual extractor compiled; the warm-up
+call compiles), `int8+compile`, `bf16+compile`, and `onnxruntime` (the model exported with `onnx_cdan.export_onnx`
+and decoded by `OnnxReportGenerator` with its key/value cache; the export counts in the build time, and the extractor
+share is not reported). `VARIANTS` maps each name to a function that prepares the model and returns a
+`generate`-like callable: a new backend is one more entry there. The stock stack runs as it is.
+
 Run:
 
     python scripts/benchmark_generation.py                                        # full matrix, ~15 min on 2 cores
     python scripts/benchmark_generation.py --batch_sizes 8 --beams 3 --cache on    # the headline setting only
     python scripts/benchmark_generation.py --stacks cdan --batch_sizes 1 --repeats 1  # a quick check
     python scripts/benchmark_generation.py --output_json outputs/my_run.json --threads 4
+    python scripts/benchmark_generation.py --stacks cdan --batch_sizes 8 --beams 3 --cache on \
+        --variants fp32 int8 compile int8+compile bf16 onnxruntime                # faster-inference rows
 
 Forcing 60 tokens: `max_length=60, min_length=60`. For CDAN (encoder-decoder) both lengths count the decoder start
 token, for BERT (decoder-only) they count the one-token `<bos>` prompt, so both generate 59 new tokens. `min_length`
@@ -51,15 +63,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchmark_utils import CpuMeter, markdown_table, peak_rss_mb, wait_for_idle_machine
 from torch import nn
 
-from benchmark_utils import CpuMeter, markdown_table, peak_rss_mb, wait_for_idle_machine
 from configuration_cdan import CdanConfig
+from inference_cdan import NAMED_OPTIONS, InferenceOptions, optimize_for_inference
 from modeling_cdan import CdanForConditionalGeneration
-
 
 REPORT_LENGTH = 60
 """Sequence length of every report, start token included (`max_length = min_length = 60`)."""
@@ -71,6 +84,8 @@ NUM_VIEWS, IMAGE_SIZE = 2, 224
 PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 
 STACK_LABELS = {"cdan": "CDAN", "stock": "stock ResNet-101+BERT"}
+
+BASELINE_VARIANT = "fp32"
 
 TARGETS = {
     "cdan_vs_stock_ratio": 1.0,
@@ -198,9 +213,62 @@ def build_stack(stack: str) -> tuple[nn.Module, nn.Module]:
     raise ValueError(f"Unknown stack {stack!r}; choose one of {list(STACK_LABELS)}.")
 
 
-def generate_reports(model: nn.Module, pixel_values: torch.Tensor, num_beams: int, use_cache: bool, length: int):
+class VariantUnavailableError(Exception):
+    """A variant of `VARIANTS` cannot run on this machine; its row is skipped with the message."""
+
+
+GenerateFunction = Callable[..., torch.Tensor]
+"""A `generate()`-like callable: `generate(pixel_values=..., max_length=..., num_beams=..., ...) -> sequences`."""
+
+
+def eager_variant(model: nn.Module) -> tuple[GenerateFunction, nn.Module | None]:
+    """The model as built: its `generate` and its visual extractor (timed by hooks)."""
+    return model.generate, model.get_encoder().visual_extractor
+
+
+def optimized_variant(options: InferenceOptions) -> Callable[[nn.Module], tuple[GenerateFunction, nn.Module]]:
+    """A variant preparing the model with `optimize_for_inference` (in place, so that memory is not doubled)."""
+
+    def prepare(model: nn.Module) -> tuple[GenerateFunction, nn.Module]:
+        prepared = optimize_for_inference(model, precision=options.precision, compile=options.compile, inplace=True)
+        return eager_variant(prepared)
+
+    return prepare
+
+
+def onnx_runtime_variant(model: nn.Module) -> tuple[GenerateFunction, None]:
+    """
+    The model exported to ONNX (`onnx_cdan.export_onnx`, into a temporary folder, counted in the build time) and run
+    by ONNX Runtime with as many threads as torch. ORT always decodes with its key/value cache; the `use_cache` and
+    `do_sample` arguments of the benchmark's calls are dropped (sampling is never asked for).
+    """
+    from onnx_cdan import OnnxReportGenerator, export_onnx
+
+    folder = Path(tempfile.mkdtemp(prefix="cdan_onnx_"))
+    export_onnx(model, folder)
+    generator = OnnxReportGenerator(folder, num_threads=torch.get_num_threads())
+
+    def generate(use_cache: bool = True, do_sample: bool = False, **generation_kwargs) -> torch.Tensor:
+        return generator.generate(**generation_kwargs)
+
+    return generate, None
+
+
+VARIANTS: dict[str, Callable[[nn.Module], tuple[GenerateFunction, nn.Module | None]]] = {
+    BASELINE_VARIANT: eager_variant,
+    **{name: optimized_variant(options) for name, options in NAMED_OPTIONS.items() if not options.is_default},
+    "onnxruntime": onnx_runtime_variant,
+}
+"""CDAN variants of `--variants`: each takes the float32 eager model and returns a `generate`-like callable and the
+module to time as the visual extractor (`None` where it cannot be hooked: the extractor share is then not reported). A
+variant that cannot run on this machine raises `ValueError` with the reason, and its row is skipped."""
+
+
+def generate_reports(
+    generate: GenerateFunction, pixel_values: torch.Tensor, num_beams: int, use_cache: bool, length: int
+) -> torch.Tensor:
     """One `generate()` call forced to exactly `length` tokens (start token included), greedy or beam search."""
-    return model.generate(
+    return generate(
         pixel_values=pixel_values,
         max_length=length,
         min_length=length,  # MinLengthLogitsProcessor: <eos> gets -inf until the length is reached
@@ -233,38 +301,49 @@ def run_single_setting(
     max_foreign_load: float = 0.10,
     max_extra_runs: int = 2,
     max_idle_wait_seconds: float = 30.0,
+    variant: str = BASELINE_VARIANT,
 ) -> dict:
     """
-    Build one stack, warm it up once and time `generate()` until `repeats` uncontended runs are collected (at most
-    `repeats + max_extra_runs` runs); runs inside its own subprocess. Throughput comes from the fastest uncontended run
-    (the fastest run overall if every run was contended), as `timeit` does.
+    Build one stack (CDAN prepared as `variant`, see `VARIANTS`), warm it up once and time `generate()` until
+    `repeats` uncontended runs are collected (at most `repeats + max_extra_runs` runs); runs inside its own
+    subprocess. Throughput comes from the fastest uncontended run (the fastest run overall if every run was
+    contended), as `timeit` does. Raises `VariantUnavailableError` when the variant cannot run on this machine.
     """
+    if variant != BASELINE_VARIANT and stack != "cdan":
+        raise ValueError(f"Variants apply to the CDAN stack only; got {variant!r} for {stack!r}.")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     build_start = time.perf_counter()
     model, visual_extractor = build_stack(stack)
+    generate = model.generate
+    if stack == "cdan":
+        try:
+            generate, visual_extractor = VARIANTS[variant](model)
+        except ValueError as error:  # e.g. bfloat16 on a CPU without AVX512-BF16 / AMX
+            raise VariantUnavailableError(str(error)) from error
     build_seconds = time.perf_counter() - build_start
     rss_after_build_mb = peak_rss_mb()
     pixel_values = torch.randn(batch_size, NUM_VIEWS, 3, IMAGE_SIZE, IMAGE_SIZE)
-    timer = ModuleTimer(visual_extractor)
+    timer = ModuleTimer(visual_extractor) if visual_extractor is not None else None
 
     runs = []
     with torch.inference_mode():
         warmup_start = time.perf_counter()
-        check_full_length(generate_reports(model, pixel_values, num_beams, use_cache, REPORT_LENGTH), batch_size)
+        check_full_length(generate_reports(generate, pixel_values, num_beams, use_cache, REPORT_LENGTH), batch_size)
         warmup_seconds = time.perf_counter() - warmup_start
         while len(runs) < repeats + max_extra_runs:
             idle_wait_seconds = wait_for_idle_machine(max_foreign_load, max_idle_wait_seconds)
-            timer.reset()
+            if timer is not None:
+                timer.reset()
             with CpuMeter() as meter:
-                sequences = generate_reports(model, pixel_values, num_beams, use_cache, REPORT_LENGTH)
+                sequences = generate_reports(generate, pixel_values, num_beams, use_cache, REPORT_LENGTH)
             check_full_length(sequences, batch_size)
-            if timer.calls != 1:
+            if timer is not None and timer.calls != 1:
                 raise RuntimeError(f"The visual extractor ran {timer.calls} times in one generate() call.")
             runs.append(
                 {
                     "seconds": meter.seconds,
-                    "extractor_seconds": timer.seconds,
+                    "extractor_seconds": timer.seconds if timer is not None else None,
                     "own_cpu_utilization": meter.own_cpu_utilization,
                     "foreign_load": meter.foreign_load,
                     "contended": meter.foreign_load >= max_foreign_load,
@@ -273,13 +352,16 @@ def run_single_setting(
             )
             if sum(not run["contended"] for run in runs) >= repeats:
                 break
-    timer.remove()
+    if timer is not None:
+        timer.remove()
 
     clean_runs = [run for run in runs if not run["contended"]]
     best = min(clean_runs or runs, key=lambda run: run["seconds"])
     seconds = best["seconds"]
+    extractor_seconds = best["extractor_seconds"]
     return {
         "stack": stack,
+        "variant": variant,
         "batch_size": batch_size,
         "num_beams": num_beams,
         "use_cache": use_cache,
@@ -289,9 +371,9 @@ def run_single_setting(
         "reports_per_second": batch_size / seconds,
         "tokens_per_second": batch_size * GENERATED_TOKENS / seconds,
         "hypothesis_tokens_per_second": batch_size * num_beams * GENERATED_TOKENS / seconds,
-        "extractor_seconds": best["extractor_seconds"],
+        "extractor_seconds": extractor_seconds,
         "total_seconds": seconds,
-        "extractor_share": best["extractor_seconds"] / seconds,
+        "extractor_share": extractor_seconds / seconds if extractor_seconds is not None else None,
         "contended": best["contended"],
         "clean_runs": len(clean_runs),
         "runs": runs,
@@ -302,15 +384,25 @@ def run_single_setting(
     }
 
 
-def run_in_subprocess(stack: str, batch_size: int, num_beams: int, use_cache: bool, args: argparse.Namespace) -> dict:
-    """Run one setting in a fresh interpreter, so its peak resident memory is its own; read its JSON back."""
+def run_in_subprocess(
+    stack: str,
+    batch_size: int,
+    num_beams: int,
+    use_cache: bool,
+    args: argparse.Namespace,
+    variant: str = BASELINE_VARIANT,
+) -> dict:
+    """
+    Run one setting in a fresh interpreter, so its peak resident memory is its own; read its JSON back (`{"skipped":
+    reason}` for a variant that cannot run here).
+    """
     with tempfile.TemporaryDirectory() as directory:
         result_path = Path(directory) / "result.json"
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
             "--single_setting",
-            f"{stack},{batch_size},{num_beams},{'on' if use_cache else 'off'}",
+            f"{stack},{batch_size},{num_beams},{'on' if use_cache else 'off'},{variant}",
             "--repeats",
             str(args.repeats or (1 if batch_size >= 32 else 2)),
             "--threads",
@@ -333,35 +425,57 @@ def run_in_subprocess(stack: str, batch_size: int, num_beams: int, use_cache: bo
         return json.loads(result_path.read_text())
 
 
-def find_row(rows: list[dict], stack: str, batch_size: int, num_beams: int, use_cache: bool) -> dict | None:
+def find_row(
+    rows: list[dict], stack: str, batch_size: int, num_beams: int, use_cache: bool, variant: str = BASELINE_VARIANT
+) -> dict | None:
     for row in rows:
-        if (row["stack"], row["batch_size"], row["num_beams"], row["use_cache"]) == (
+        if (row["stack"], row["batch_size"], row["num_beams"], row["use_cache"], row_variant(row)) == (
             stack,
             batch_size,
             num_beams,
             use_cache,
+            variant,
         ):
             return row
     return None
 
 
+def row_variant(row: dict) -> str:
+    """The variant of a row (rows written before `--variants` existed are float32 ones)."""
+    return row.get("variant", BASELINE_VARIANT)
+
+
 def results_table(rows: list[dict]) -> str:
-    """A Markdown table of the settings; `*` marks a setting whose every timed run was contended."""
-    table_rows = [
-        [
+    """
+    A Markdown table of the settings; `*` marks a setting whose every timed run was contended. With variant rows (see
+    `VARIANTS`) the table gains a `variant` column and each row's speed-up over the float32 row of its setting.
+    """
+    with_variants = any(row_variant(row) != BASELINE_VARIANT for row in rows)
+    table_rows = []
+    for row in rows:
+        extractor_share = row["extractor_share"]
+        cells = [
             STACK_LABELS[row["stack"]],
             row["batch_size"],
             row["num_beams"],
             "on" if row["use_cache"] else "off",
             f"{row['reports_per_second']:.2f}" + ("*" if row["contended"] else ""),
             f"{row['tokens_per_second']:.1f}",
-            f"{100 * row['extractor_share']:.1f} %",
+            "n/a" if extractor_share is None else f"{100 * extractor_share:.1f} %",
             f"{row['peak_rss_mb']:.0f}",
         ]
-        for row in rows
-    ]
+        if with_variants:
+            baseline = find_row(rows, row["stack"], row["batch_size"], row["num_beams"], row["use_cache"])
+            speedup = row["reports_per_second"] / baseline["reports_per_second"] if baseline else None
+            cells[1:1] = [row_variant(row)]
+            cells.append("n/a" if speedup is None else f"{speedup:.2f}x")
+        table_rows.append(cells)
     header = ["stack", "batch", "beams", "cache", "reports/s", "tokens/s", "extractor share", "peak RSS MB"]
-    table = markdown_table(header, table_rows, align="lrrlrrrr")
+    align = "lrrlrrrr"
+    if with_variants:
+        header = [header[0], "variant", *header[1:], f"vs {BASELINE_VARIANT}"]
+        align = "ll" + align[1:] + "r"
+    table = markdown_table(header, table_rows, align=align)
     if any(row["contended"] for row in rows):
         table += "\n\n\\* every timed run of this setting shared the CPUs with other processes (`runs` in the JSON)"
     return table
@@ -372,7 +486,11 @@ def summarize(rows: list[dict]) -> dict:
     cdan_cached = find_row(rows, "cdan", 8, 3, True)
     cdan_uncached = find_row(rows, "cdan", 8, 3, False)
     stock_cached = find_row(rows, "stock", 8, 3, True)
-    cdan_batch8 = [row for row in rows if row["stack"] == "cdan" and row["batch_size"] == 8]
+    cdan_batch8 = [
+        row
+        for row in rows
+        if row["stack"] == "cdan" and row["batch_size"] == 8 and row_variant(row) == BASELINE_VARIANT
+    ]
 
     def verdict(value: float | None, target: float, at_least: bool) -> str:
         if value is None:
@@ -502,7 +620,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every setting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", default="outputs/benchmark_generation.json")
-    parser.add_argument("--single_setting", default=None, help=argparse.SUPPRESS)  # "stack,batch,beams,on|off"
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[BASELINE_VARIANT],
+        choices=list(VARIANTS),
+        help="CDAN rows prepared for faster inference, each beside the fp32 row of its setting (see the docstring)",
+    )
+    parser.add_argument("--single_setting", default=None, help=argparse.SUPPRESS)  # "stack,batch,beams,on|off,variant"
     parser.add_argument("--result_json", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -511,46 +636,61 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     if args.single_setting is not None:  # child process: one setting, result as JSON
-        stack, batch_size, num_beams, cache = args.single_setting.split(",")
-        result = run_single_setting(
-            stack,
-            int(batch_size),
-            int(num_beams),
-            cache == "on",
-            repeats=args.repeats or 1,
-            threads=args.threads,
-            seed=args.seed,
-            max_foreign_load=args.max_foreign_load,
-            max_extra_runs=args.max_extra_runs,
-            max_idle_wait_seconds=args.max_idle_wait,
-        )
+        stack, batch_size, num_beams, cache, *variant = args.single_setting.split(",")
+        try:
+            result = run_single_setting(
+                stack,
+                int(batch_size),
+                int(num_beams),
+                cache == "on",
+                repeats=args.repeats or 1,
+                threads=args.threads,
+                seed=args.seed,
+                max_foreign_load=args.max_foreign_load,
+                max_extra_runs=args.max_extra_runs,
+                max_idle_wait_seconds=args.max_idle_wait,
+                variant=variant[0] if variant else BASELINE_VARIANT,
+            )
+        except VariantUnavailableError as error:
+            result = {"skipped": str(error)}
         Path(args.result_json).write_text(json.dumps(result))
         return
 
     benchmark_start = time.perf_counter()
-    rows = []
+    rows, skipped = [], []
     for batch_size in args.batch_sizes:
         for num_beams in args.beams:
             for cache in args.cache:
                 for stack in args.stacks:
-                    setting_start = time.perf_counter()
-                    row = run_in_subprocess(stack, batch_size, num_beams, cache == "on", args)
-                    rows.append(row)
-                    print(
-                        f"[{time.perf_counter() - benchmark_start:7.1f} s] {STACK_LABELS[stack]:<22} "
-                        f"batch {batch_size:>2} "
-                        f"beams {num_beams} cache {cache:<3}: {row['reports_per_second']:6.2f} reports/s, "
-                        f"extractor {100 * row['extractor_share']:5.1f} %, peak RSS {row['peak_rss_mb']:6.0f} MB "
-                        f"({row['clean_runs']}/{len(row['runs'])} runs uncontended; setting took "
-                        f"{time.perf_counter() - setting_start:.0f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    for variant in args.variants if stack == "cdan" else [BASELINE_VARIANT]:
+                        setting_start = time.perf_counter()
+                        row = run_in_subprocess(stack, batch_size, num_beams, cache == "on", args, variant)
+                        label = STACK_LABELS[stack] + ("" if variant == BASELINE_VARIANT else f" {variant}")
+                        prefix = (
+                            f"[{time.perf_counter() - benchmark_start:7.1f} s] {label:<22} batch {batch_size:>2} "
+                            f"beams {num_beams} cache {cache:<3}:"
+                        )
+                        if "skipped" in row:
+                            skipped.append(f"{label}: skipped: {row['skipped']}")
+                            print(f"{prefix} skipped: {row['skipped']}", file=sys.stderr, flush=True)
+                            continue
+                        rows.append(row)
+                        share = row["extractor_share"]
+                        print(
+                            f"{prefix} {row['reports_per_second']:6.2f} reports/s, extractor "
+                            f"{'n/a' if share is None else f'{100 * share:5.1f} %'}, peak RSS "
+                            f"{row['peak_rss_mb']:6.0f} MB ({row['clean_runs']}/{len(row['runs'])} runs "
+                            f"uncontended; setting took {time.perf_counter() - setting_start:.0f} s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
 
     runtime_seconds = time.perf_counter() - benchmark_start
     rows.sort(key=lambda row: args.stacks.index(row["stack"]))  # table: one stack after the other
     summary = summarize(rows)
     print(results_table(rows))
+    for note in dict.fromkeys(skipped):
+        print(f"\n{note}")
     print()
     print(format_summary(summary))
     print(f"\nTotal runtime: {runtime_seconds:.0f} s ({args.threads} threads)")
@@ -559,8 +699,13 @@ def main(argv: list[str] | None = None) -> None:
     output_path.parent.mkdir(parents=True, exist_ok=True)
     output_path.write_text(
         json.dumps(
-            {"environment": environment_info(args.threads), "runtime_seconds": runtime_seconds, "rows": rows,
-             "summary": summary},
+            {
+                "environment": environment_info(args.threads),
+                "runtime_seconds": runtime_seconds,
+                "rows": rows,
+                "skipped": sorted(set(skipped)),
+                "summary": summary,
+            },
             indent=2,
         )
     )
@@ -571,4 +716,12 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["ModuleTimer", "StockResnetBertReportGenerator", "results_table", "run_single_setting", "summarize"]
+__all__ = [
+    "VARIANTS",
+    "ModuleTimer",
+    "StockResnetBertReportGenerator",
+    "VariantUnavailableError",
+    "results_table",
+    "run_single_setting",
+    "summarize",
+]

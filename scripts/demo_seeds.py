@@ -29,26 +29,35 @@ import numpy as np
 from benchmark_utils import CpuMeter, markdown_table
 from tqdm.auto import tqdm
 
-
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 PAPER = ["--diagnosis_prompt", "False", "--observation_sentences", "False"]
+PROMPT = ["--diagnosis_prompt", "True", "--observation_sentences", "False"]
+CONTEXT = ["--clinical_context", "True", "--context_text_encoder", "offline-minilm"]
 TRAINING_VARIANTS: dict[str, list[str]] = {
     "paper": PAPER,
-    "diagnosis prompt": ["--diagnosis_prompt", "True", "--observation_sentences", "False"],
+    "diagnosis prompt": PROMPT,
     "weighted BCE L_mlc": [*PAPER, "--mlc_loss", "weighted_bce"],
     "asymmetric L_mlc": [*PAPER, "--mlc_loss", "asymmetric"],
+    "prompt + indication": [*PROMPT, *CONTEXT],
+    "prompt + prior": [*PROMPT, "--prior_study", "True"],
+    "prompt + indication + prior": [*PROMPT, *CONTEXT, "--prior_study", "True"],
+    "PriorRG": ["--preset", "priorrg_demo"],
 }
 """Training recipes: extra `train.py` arguments on top of the demo preset (whose defaults switch on the diagnosis
-prompt and the sentence agreement; "diagnosis prompt" + "sentences agree with the classifier" is the demo preset)."""
+prompt and the sentence agreement; "diagnosis prompt" + "sentences agree with the classifier" is the demo preset).
+"PriorRG" is the `priorrg_demo` preset in two runs: `--stage pretrain`, then `--stage finetune` from its weights. The
+demo's priors carry no change statements in the text, so their rows test plumbing, not benefit."""
 
 DECODING_VARIANTS: dict[str, list[str]] = {
     "trigram blocking": ["--no_repeat_ngram_size", "3"],
     "sentences agree with the classifier": ["--observation_sentences", "True"],
+    "shuffled indication": ["--shuffle_indication", "True"],
 }
 """Generation settings applied to every trained checkpoint (extra `scripts/evaluate.py` arguments)."""
 
-MODEL_ROW, SHUFFLED_ROW = "CDAN (this run)", "CDAN, images shuffled"
+MODEL_ROW, SHUFFLED_ROW = "(this run)", "images shuffled"
+"""Ends of the model's rows in `metrics.json` ("CDAN (this run)", "PriorRG, images shuffled", ...)."""
 
 COLUMNS = {
     "reports' CE macro-F1": (MODEL_ROW, "CE macro-F1"),
@@ -59,7 +68,14 @@ COLUMNS = {
     "BLEU-4": (MODEL_ROW, "BLEU-4"),
     "shuffled images CE macro-F1": (SHUFFLED_ROW, "CE macro-F1"),
 }
-"""Table column -> (row of metrics.json, metric)."""
+"""Table column -> (end of the row's name in metrics.json, metric); a model without a classifier leaves its
+columns n/a."""
+
+
+def metric_value(metrics: dict, row_end: str, metric: str) -> float:
+    """The `metric` of the row of `metrics` whose name ends with `row_end`; NaN when it has none."""
+    (row,) = [name for name in metrics if name.endswith(row_end)]
+    return metrics[row].get(metric, float("nan"))
 
 
 def slug(name: str) -> str:
@@ -88,10 +104,20 @@ def train_once(
     run_dir = output_dir / slug(variant) / f"seed{seed}"
     metrics_path, timing_path = run_dir / "test" / "metrics.json", run_dir / "timing.json"
     if not (metrics_path.exists() and timing_path.exists()):
-        command = [sys.executable, "train.py", "--seed", str(seed), "--output_dir", str(run_dir),
-                   "--report_to", "none", *TRAINING_VARIANTS[variant], *extra_arguments]  # fmt: skip
-        meter = run_logged(command, output_dir / "logs" / f"{slug(variant)}_seed{seed}.log", threads)
-        timing_path.write_text(json.dumps({"seconds": meter.seconds, "foreign_load": meter.foreign_load}))
+        common = [sys.executable, "train.py", "--seed", str(seed), "--report_to", "none", *TRAINING_VARIANTS[variant]]
+        log_path = output_dir / "logs" / f"{slug(variant)}_seed{seed}.log"
+        seconds = foreign_load = 0.0
+        if variant == "PriorRG":  # stage 1 (contrastive pre-training), then stage 2 from its weights
+            stage_one_dir = run_dir.with_name(f"{run_dir.name}_stage1")
+            meter = run_logged(
+                [*common, "--stage", "pretrain", "--output_dir", str(stage_one_dir), *extra_arguments],
+                log_path.with_name(f"{log_path.stem}_stage1.log"), threads,
+            )  # fmt: skip
+            seconds, foreign_load = meter.seconds, meter.foreign_load
+            common += ["--stage", "finetune", "--model_name_or_path", str(stage_one_dir)]
+        meter = run_logged([*common, "--output_dir", str(run_dir), *extra_arguments], log_path, threads)
+        timing = {"seconds": seconds + meter.seconds, "foreign_load": max(foreign_load, meter.foreign_load)}
+        timing_path.write_text(json.dumps(timing))
     timing = json.loads(timing_path.read_text())
     return {"metrics": json.loads(metrics_path.read_text()), "timing": timing, "dir": run_dir}
 
@@ -121,7 +147,10 @@ def summarize(rows: dict[str, list[dict]]) -> tuple[str, dict]:
     header = ["variant", "seeds", *COLUMNS, "minutes per run"]
     table_rows, summary = [], {}
     for name, runs in rows.items():
-        values = {column: [run["metrics"][row][metric] for run in runs] for column, (row, metric) in COLUMNS.items()}
+        values = {
+            column: [metric_value(run["metrics"], row, metric) for run in runs]
+            for column, (row, metric) in COLUMNS.items()
+        }
         timed = [run["timing"] for run in runs if run["timing"]]
         minutes = [timing["seconds"] / 60 for timing in timed]
         busy = max((timing["foreign_load"] for timing in timed), default=0.0)
@@ -159,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         for decoding in args.decoding_variants:
             decoded = decode_again(run, decoding, seed, output_dir, args.threads_per_run)
             rows.setdefault(f"{variant} + {decoding}", []).append(decoded)
-        tqdm.write(f"{variant}, seed {seed}: CE macro-F1 {run['metrics'][MODEL_ROW]['CE macro-F1']:.3f}")
+        tqdm.write(f"{variant}, seed {seed}: CE macro-F1 {metric_value(run['metrics'], MODEL_ROW, 'CE macro-F1'):.3f}")
 
     table, summary = summarize(rows)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -173,4 +202,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["COLUMNS", "DECODING_VARIANTS", "TRAINING_VARIANTS", "main", "summarize"]
+__all__ = ["COLUMNS", "DECODING_VARIANTS", "TRAINING_VARIANTS", "main", "metric_value", "summarize"]

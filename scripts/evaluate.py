@@ -1,7 +1,12 @@
-"""Evaluate a CDAN checkpoint on a data set split, next to the paper's Table 1 and three reference points.
+"""Evaluate a CDAN or PriorRG checkpoint on a data set split, next to the paper's Table 1 and three reference points.
 
     python scripts/evaluate.py --model outputs/demo --dataset_name demo
     python scripts/evaluate.py --model runs/iu_xray --dataset_name iu_xray --data_dir /data/iu_xray --num_beams 3
+    python scripts/evaluate.py --model outputs/priorrg_demo --shuffle_indication True   # the shuffled-text control
+
+A model that reads the clinical context or the prior study (PriorRG, or CDAN with those switches) gets them from the
+data set's rows. `--shuffle_indication` gives each study the indication and history of another study (a seeded
+permutation), so a score that holds up without the study's own text comes from the images.
 
 Writes `predictions.jsonl` (id, reference, generated), `metrics.json` and `metrics.md` under `--output_dir`
 (default: `<model>/eval_<split>`), and prints the Markdown table: BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical
@@ -12,13 +17,16 @@ model with images shuffled across studies. `train.py` runs the same evaluation o
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from transformers import HfArgumentParser
 
+from cli_cdan import load_report_model
 from data_cdan import load_cdan_dataset
 from evaluation_cdan import PUBLISHED_IU_XRAY, evaluate_split, markdown_table
-from modeling_cdan import CdanForConditionalGeneration
+from pipeline_cdan import reads_study_details
 from processing_cdan import CdanProcessor
 from train import set_observation_sentences
+from trainer_cdan import CdanDataCollator
 
 
 @dataclass
@@ -48,16 +56,40 @@ class EvaluationArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N studies."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to write; default <model>/eval_<split>."})
     seed: int = field(default=0, metadata={"help": "Seed of the image-shuffling control."})
+    shuffle_indication: bool = field(
+        default=False,
+        metadata={"help": "Control: give every study another study's indication and history (seeded permutation)."},
+    )
+
+
+def shuffle_clinical_context(split, seed: int):
+    """`split` with its `indication` and `history` columns permuted across studies (seeded)."""
+    order = np.random.default_rng(seed).permutation(len(split)).tolist()
+    for column in ("indication", "history"):
+        if column in split.column_names:
+            values = split[column]
+            split = split.remove_columns(column).add_column(column, [values[index] for index in order])
+    return split
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
-    model = CdanForConditionalGeneration.from_pretrained(args.model).eval()
+    model = load_report_model(args.model)
     processor = CdanProcessor.from_pretrained(args.model)
     dataset_dict = load_cdan_dataset(args.dataset_name, data_dir=args.data_dir)
     if args.max_samples is not None:
         split = dataset_dict[args.split]
         dataset_dict[args.split] = split.select(range(min(args.max_samples, len(split))))
+    if args.shuffle_indication:
+        dataset_dict[args.split] = shuffle_clinical_context(dataset_dict[args.split], args.seed)
+    reads = reads_study_details(model.config)
+    collator = None
+    if any(reads.values()):
+        collator = CdanDataCollator(
+            processor, include_reports=False, include_view_positions=reads["view_positions"],
+            include_context=reads["context"], include_prior=reads["prior"],
+            observation_names=getattr(model.config, "observation_names", None) or CdanDataCollator.observation_names,
+        )  # fmt: skip
     if args.observation_sentences:
         set_observation_sentences(model, processor, dataset_dict["train"])
     published = PUBLISHED_IU_XRAY if args.dataset_name == "iu_xray" else None
@@ -68,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir or Path(args.model) / f"eval_{args.split}")
     results = evaluate_split(
         model, processor, dataset_dict, output_dir, split=args.split, batch_size=args.batch_size, seed=args.seed,
-        published=published, **generation_kwargs,
+        published=published, collator=collator, **generation_kwargs,
     )  # fmt: skip
     print(markdown_table(results, published))
     print(f"Predictions, metrics.json and metrics.md written to {output_dir}")
@@ -79,4 +111,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["EvaluationArguments", "main"]
+__all__ = ["EvaluationArguments", "main", "shuffle_clinical_context"]

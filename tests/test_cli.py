@@ -275,3 +275,34 @@ def test_threads_option_sets_torchs_threads(checkpoint, tmp_path, monkeypatch):
     write_png(tmp_path / "a.png")
     assert run(checkpoint, tmp_path / "reports.jsonl", tmp_path / "a.png", options=("--threads", "1")) == EXIT_OK
     assert requested == [1]
+
+
+def test_manifest_context_and_prior_become_the_pipeline_study_dict(tmp_path):
+    from cli_cdan import csv_studies, jsonl_studies
+
+    jsonl = tmp_path / "studies.jsonl"
+    jsonl.write_text(
+        json.dumps({"id": "s1", "images": ["a.png"], "indication": "Cough", "history": "Smoker",
+                    "view_positions": ["PA"], "prior_images": ["old/a.png"]}) + "\n"  # fmt: skip
+        + json.dumps({"id": "s2", "images": ["b.png", "c.png"]}) + "\n"
+    )
+    first, second = jsonl_studies(jsonl)
+    assert first.pipeline_input() == {
+        "images": [str(tmp_path / "a.png")], "indication": "Cough", "history": "Smoker", "view_positions": ["PA"],
+        "prior": {"images": [str(tmp_path / "old" / "a.png")]},
+    }  # fmt: skip
+    assert second.pipeline_input() == (str(tmp_path / "b.png"), str(tmp_path / "c.png"))
+    csv_manifest = tmp_path / "studies.csv"
+    csv_manifest.write_text("id,images,prior_images,view_positions\ns3,a.png;b.png,p.png|q.png,PA;LATERAL\n")
+    (third,) = csv_studies(csv_manifest)
+    assert third.prior_images == [str(tmp_path / "p.png"), str(tmp_path / "q.png")]
+    assert third.view_positions == ["PA", "LATERAL"]
+
+
+def test_a_manifest_list_field_of_the_wrong_type_is_refused(tmp_path):
+    from cli_cdan import jsonl_studies
+
+    manifest = tmp_path / "studies.jsonl"
+    manifest.write_text(json.dumps({"id": "s1", "images": ["a.png"], "prior_images": [3]}) + "\n")
+    with pytest.raises(ValueError, match="prior_images"):
+        list(jsonl_studies(manifest))

@@ -859,9 +859,19 @@ def test_demo_subset_builds_every_split_marked_synthetic(demo_dataset):
     assert all(all(dataset["synthetic"]) for dataset in demo_dataset.values())
 
 
-def test_demo_has_the_iu_xray_columns_plus_synthetic(demo_builder, openi_builder):
+def test_demo_has_the_iu_xray_columns_plus_synthetic_boxes_and_priors(demo_builder, openi_builder):
+    from data_cdan import BOX_FEATURES
+
     assert demo_builder.info.features == datasets.Features(
-        {**openi_builder.info.features, "synthetic": datasets.Value("bool")}
+        {
+            **openi_builder.info.features,
+            "synthetic": datasets.Value("bool"),
+            "boxes": datasets.List(BOX_FEATURES),
+            "prior_images": datasets.List(datasets.Image()),
+            "prior_views": datasets.List(datasets.Value("string")),
+            "prior_view_positions": datasets.List(datasets.Value("string")),
+            "prior_labels": datasets.List(datasets.Value("int8"), length=14),
+        }
     )
 
 

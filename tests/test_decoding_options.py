@@ -129,7 +129,7 @@ def evaluate_generation_kwargs(monkeypatch, tmp_path, *flags: str) -> dict:
         received.update(kwargs)
         return {}
 
-    monkeypatch.setattr(evaluate_script.CdanForConditionalGeneration, "from_pretrained", lambda path: tiny_model())
+    monkeypatch.setattr(evaluate_script, "load_report_model", lambda path: tiny_model())
     monkeypatch.setattr(evaluate_script.CdanProcessor, "from_pretrained", lambda path: None)
     monkeypatch.setattr(evaluate_script, "load_cdan_dataset", lambda name, data_dir: {})
     monkeypatch.setattr(evaluate_script, "evaluate_split", record)

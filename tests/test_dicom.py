@@ -341,3 +341,27 @@ def test_an_invalid_window_is_a_value_error_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="Window Width") as raised:
         read_dicom(path)
     assert str(path) in str(raised.value)
+
+
+def test_view_positions_come_from_the_dicom_header_when_a_study_gives_none(tmp_path):
+    from processing_cdan import CdanImageProcessor, CdanProcessor, build_report_tokenizer
+    from priorrg_modules import DEFAULT_VIEW_POSITIONS
+
+    frontal = save(build_dataset(ramp(0, 4095), view_position="AP"), tmp_path / "frontal")
+    lateral = save(build_dataset(ramp(0, 4095), view_position="LL"), tmp_path / "lateral")
+    unnamed = save(build_dataset(ramp(0, 4095)), tmp_path / "unnamed")
+    processor = CdanProcessor(
+        image_processor=CdanImageProcessor(image_size=32, num_views=2),
+        tokenizer=build_report_tokenizer(["the heart is normal ."], threshold=1),
+    )
+    inputs = processor(
+        images=[[frontal, lateral], [frontal, unnamed], [frontal, lateral]],
+        view_positions=[None, None, ["PA", "LATERAL"]],
+    )
+    ids = {name: index for index, name in enumerate(DEFAULT_VIEW_POSITIONS)}
+    unknown = len(DEFAULT_VIEW_POSITIONS)
+    assert inputs["view_position_ids"].tolist() == [
+        [ids["AP"], ids["LL"]],
+        [ids["AP"], unknown],
+        [ids["PA"], ids["LATERAL"]],  # names given by the caller win over the header
+    ]

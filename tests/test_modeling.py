@@ -503,7 +503,7 @@ def test_equation_comments_use_the_papers_numbers():
         "u_pn = self.discrepancy_layer_norm": 12,
         "u_c = self.disease_classifier": 13,
         "u_k, _ = self.select_disease_words": 14,
-        "u_s = torch.cat": 16,
+        "u_s = torch.cat([u_p, u_n, u_k]": 16,
         "loss = self.loss_function": 3,
         "visual_features = self.visual_extractor(": 4,
     }

@@ -23,6 +23,12 @@ MODULES = [
     "evaluation_cdan",
     "trainer_cdan",
     "train",
+    "configuration_priorrg",
+    "modeling_priorrg",
+    "trainer_priorrg",
+    "detection_cdan",
+    "inference_cdan",
+    "onnx_cdan",
     *sorted(f"data_cdan.{path.stem}" for path in (REPOSITORY / "data_cdan").glob("*.py") if path.stem != "__init__"),
     "data_cdan",
 ]

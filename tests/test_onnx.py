@@ -1,0 +1,232 @@
+"""ONNX export of CDAN and ONNX Runtime generation (`onnx_cdan.py`) against the PyTorch model's `generate()`."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_cdan import CdanForConditionalGeneration
+from onnx_cdan import DECODER_STEP_FILE, OnnxReportGenerator, export_onnx
+from test_modeling import study_batch, tiny_model
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+EOS_TOKEN_ID = 2
+MAX_LENGTH = 30
+
+
+def eos_prone_model() -> CdanForConditionalGeneration:
+    """
+    The tiny random model with its `<eos>` logit scaled up, so greedy and beam search end reports at different
+    lengths per study and the length penalty changes which report beam search returns.
+    """
+    model = tiny_model(seed=2).eval()
+    with torch.no_grad():
+        model.lm_head.weight[EOS_TOKEN_ID] *= 3.0
+    model.generation_config.update(max_length=MAX_LENGTH)
+    return model
+
+
+def distinct_studies(batch_size: int = 3) -> torch.Tensor:
+    """Random views at different brightness and contrast per study, so the studies get different reports."""
+    scales = torch.tensor([0.5, 2.0, 4.0, 1.0])[:batch_size].view(-1, 1, 1, 1, 1)
+    offsets = torch.tensor([-1.0, 0.0, 1.5, 0.5])[:batch_size].view(-1, 1, 1, 1, 1)
+    return study_batch(batch_size) * scales + offsets
+
+
+@pytest.fixture(scope="module")
+def model() -> CdanForConditionalGeneration:
+    return eos_prone_model()
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(model, tmp_path_factory) -> Path:
+    return export_onnx(model, tmp_path_factory.mktemp("onnx"), image_size=64)
+
+
+@pytest.fixture(scope="module")
+def generator(onnx_folder) -> OnnxReportGenerator:
+    return OnnxReportGenerator(onnx_folder, num_threads=1)
+
+
+def torch_generate(model: CdanForConditionalGeneration, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(pixel_values=pixel_values, **kwargs)
+
+
+def assert_same_tokens(onnx_sequences: torch.Tensor, torch_sequences: torch.Tensor) -> None:
+    assert onnx_sequences.shape == torch_sequences.shape
+    assert torch.equal(onnx_sequences, torch_sequences)
+
+
+def test_encoder_outputs_match_the_torch_encoder(model, generator):
+    pixel_values = distinct_studies(3)  # the graph was exported with 2 studies: the batch is dynamic
+    with torch.inference_mode():
+        expected = model.get_encoder()(pixel_values=pixel_values)
+    encoded = generator.encode(pixel_values)
+    np.testing.assert_allclose(encoded["memory"], expected.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(encoded["disease_logits"], expected.disease_logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_studies_get_different_reports(model):
+    """Guards the parity tests below: a mix-up of studies can only show when their reports differ."""
+    sequences = torch_generate(model, distinct_studies(3))
+    assert len({tuple(row.tolist()) for row in sequences}) == 3
+
+
+def test_greedy_search_writes_the_tokens_of_generate(model, generator):
+    pixel_values = distinct_studies(3)
+    assert_same_tokens(generator.generate(pixel_values, num_beams=1), torch_generate(model, pixel_values, num_beams=1))
+
+
+def test_beam_search_writes_the_tokens_of_generate(model, generator):
+    pixel_values = distinct_studies(3)
+    assert_same_tokens(generator.generate(pixel_values, num_beams=3), torch_generate(model, pixel_values, num_beams=3))
+
+
+def test_beam_search_of_a_single_study_writes_the_tokens_of_generate(model, generator):
+    pixel_values = distinct_studies(3)[2:]
+    assert_same_tokens(generator.generate(pixel_values), torch_generate(model, pixel_values))
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 3.0])
+def test_beam_search_applies_the_length_penalty_of_generate(model, generator, length_penalty):
+    pixel_values = distinct_studies(3)
+    default_penalty = torch_generate(model, pixel_values, num_beams=3)
+    expected = torch_generate(model, pixel_values, num_beams=3, length_penalty=length_penalty)
+    assert expected.shape != default_penalty.shape or not torch.equal(expected, default_penalty)  # it matters here
+    assert_same_tokens(generator.generate(pixel_values, num_beams=3, length_penalty=length_penalty), expected)
+
+
+def test_beam_search_without_early_stopping_returns_the_sequences_of_generate(model, generator):
+    pixel_values = distinct_studies(2)
+    options = {"num_beams": 3, "early_stopping": False, "num_return_sequences": 2}
+    assert_same_tokens(generator.generate(pixel_values, **options), torch_generate(model, pixel_values, **options))
+
+
+def test_beam_search_blocks_repeated_ngrams_like_generate(model, generator):
+    pixel_values = distinct_studies(3)
+    options = {"num_beams": 3, "no_repeat_ngram_size": 2}
+    assert_same_tokens(generator.generate(pixel_values, **options), torch_generate(model, pixel_values, **options))
+
+
+def test_forced_length_beam_search_writes_the_tokens_of_generate(model, generator):
+    """The benchmark's setting: `min_length = max_length`, so no report ends before `max_length`."""
+    pixel_values = distinct_studies(3)
+    options = {"num_beams": 3, "min_length": MAX_LENGTH, "max_length": MAX_LENGTH}
+    sequences = generator.generate(pixel_values, **options)
+    assert sequences.shape == (3, MAX_LENGTH) and not (sequences[:, 1:] == EOS_TOKEN_ID).any()
+    assert_same_tokens(sequences, torch_generate(model, pixel_values, **options))
+
+
+def test_cached_decoder_steps_give_the_logits_of_one_uncached_pass(generator):
+    encoded = generator.encode(distinct_studies(2))
+    cross = {name: value for name, value in encoded.items() if name.startswith("cross_")}
+    tokens = np.array([[1, 5, 9, 3, 7], [1, 8, 4, 4, 6]])  # (N, T)
+    uncached_logits, _ = generator.decoder_step(tokens, generator.empty_past(2), cross)  # (N, T, V)
+    past, cached_logits = generator.empty_past(2), []
+    for position in range(tokens.shape[1]):
+        logits, past = generator.decoder_step(tokens[:, position : position + 1], past, cross)
+        cached_logits.append(logits[:, 0])
+    np.testing.assert_allclose(np.stack(cached_logits, axis=1), uncached_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_step_logits_match_the_torch_model(model, generator):
+    pixel_values = distinct_studies(2)
+    tokens = torch.tensor([[1, 5, 9, 3, 7], [1, 8, 4, 4, 6]])
+    with torch.inference_mode():
+        expected = model(pixel_values=pixel_values, decoder_input_ids=tokens).logits
+    encoded = generator.encode(pixel_values)
+    cross = {name: value for name, value in encoded.items() if name.startswith("cross_")}
+    logits, _ = generator.decoder_step(tokens.numpy(), generator.empty_past(2), cross)
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ONNX folder not found"):
+        OnnxReportGenerator(tmp_path / "missing")
+
+
+def test_an_incomplete_folder_names_the_missing_file(onnx_folder, tmp_path):
+    incomplete = shutil.copytree(onnx_folder, tmp_path / "incomplete")
+    (incomplete / DECODER_STEP_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=DECODER_STEP_FILE):
+        OnnxReportGenerator(incomplete)
+
+
+def test_a_wrong_number_of_views_is_a_clear_error(generator):
+    with pytest.raises(ValueError, match="reads 2 view"):
+        generator.generate(study_batch(2, num_views=3))
+
+
+def test_a_wrong_image_size_is_a_clear_error(generator):
+    with pytest.raises(ValueError, match="64 x 64"):
+        generator.generate(torch.randn(1, 2, 3, 32, 32))
+
+
+def test_an_unsupported_generation_option_is_a_clear_error(generator):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generator.generate(distinct_studies(1), repetition_penalty=1.3)
+
+
+@pytest.fixture(scope="module")
+def prompt_model() -> CdanForConditionalGeneration:
+    """A tiny model with the diagnosis prompt, whose reports end at different lengths (see `eos_prone_model`)."""
+    model = tiny_model(seed=2, use_diagnosis_prompt=True).eval()
+    with torch.no_grad():
+        model.lm_head.weight[EOS_TOKEN_ID] *= 3.0
+    model.generation_config.update(max_length=MAX_LENGTH)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt_generator(prompt_model, tmp_path_factory) -> OnnxReportGenerator:
+    return OnnxReportGenerator(export_onnx(prompt_model, tmp_path_factory.mktemp("onnx_prompt"), image_size=64), 1)
+
+
+def test_a_diagnosis_prompt_model_writes_the_tokens_of_generate(prompt_model, prompt_generator):
+    pixel_values = distinct_studies(3)
+    assert_same_tokens(prompt_generator.generate(pixel_values), torch_generate(prompt_model, pixel_values))
+
+
+def test_given_diagnosis_states_condition_the_reports_like_generate(prompt_model, prompt_generator):
+    pixel_values = distinct_studies(3)
+    diagnosis_states = torch.randint(
+        0, 3, (3, prompt_model.config.num_observations), generator=torch.Generator().manual_seed(0)
+    )
+    expected = torch_generate(prompt_model, pixel_values, diagnosis_states=diagnosis_states)
+    classifier_prompt = torch_generate(prompt_model, pixel_values)
+    assert expected.shape != classifier_prompt.shape or not torch.equal(expected, classifier_prompt)  # it matters
+    assert_same_tokens(prompt_generator.generate(pixel_values, diagnosis_states=diagnosis_states), expected)
+
+
+def test_out_of_range_diagnosis_states_are_a_clear_error(prompt_generator):
+    diagnosis_states = torch.full((1, prompt_generator.config.num_observations), 3)
+    with pytest.raises(ValueError, match="indices 0 to 2"):
+        prompt_generator.generate(distinct_studies(1), diagnosis_states=diagnosis_states)
+
+
+def test_diagnosis_states_without_a_diagnosis_prompt_are_a_clear_error(generator):
+    with pytest.raises(ValueError, match="no diagnosis prompt"):
+        generator.generate(distinct_studies(1), diagnosis_states=torch.zeros(1, 14, dtype=torch.long))
+
+
+def test_export_refuses_a_model_that_reads_a_prior_study(tmp_path):
+    with pytest.raises(ValueError, match="use_prior_study"):
+        export_onnx(tiny_model(use_prior_study=True), tmp_path, image_size=64)
+
+
+def test_a_missing_onnxruntime_names_the_install_command(onnx_folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "cdan-report\[onnx\]"'):
+        OnnxReportGenerator(onnx_folder)
+
+
+def test_importing_onnx_cdan_imports_no_onnx_package():
+    code = "import sys, onnx_cdan; print(sorted({'onnx', 'onnxruntime', 'onnxscript'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,195 @@
+"""PriorRG's two training stages on the library's trainer: prior-guided contrastive pre-training (stage 1), scored by
+image-to-report retrieval recall, and report generation with PriorRG's two learning rates (stage 2).
+
+Stage 1 pairs each study's `mean([ctx, st])` with the text encoder's projected `[CLS]` state of
+`"[CLS] [FINDINGS] " + findings` (symmetric multi-positive InfoNCE, studies with the same id are positives). Stage 2
+trains the decoder at `learning_rate` and everything else at the (lower) encoder learning rate, with cross-entropy
+only, on `CdanTrainer`'s loop, collator and evaluation.
+
+References: Liu et al., PriorRG, AAAI 2026 (arXiv:2508.05353), `main_github.py` of its public code for the recipe
+(AdamW, 5e-5 for stage 1 and the decoder, 5e-6 for the rest in stage 2); CLIP (Radford et al., 2021) for retrieval
+recall@K.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from priorrg_modules import REPORT_SECTION_TAG
+from trainer_cdan import CdanDataCollator, CdanTrainer
+
+logger = logging.get_logger(__name__)
+
+RETRIEVAL_RECALL_AT = (1, 5, 10)
+"""The K of the stage-1 retrieval recall@K (image query, report gallery)."""
+
+
+def add_report_section_tag(tokenizer):
+    """Add `[FINDINGS]`, stage 1's report tag, to the context tokenizer as one special token (kept if present)."""
+    tokenizer.add_tokens([REPORT_SECTION_TAG], special_tokens=True)
+    return tokenizer
+
+
+def retrieval_recall(
+    image_embeds: torch.Tensor | np.ndarray,
+    report_embeds: torch.Tensor | np.ndarray,
+    ks: Sequence[int] = RETRIEVAL_RECALL_AT,
+    study_ids: Sequence[Any] | None = None,
+) -> dict[str, float]:
+    """
+    Image-to-report retrieval recall@K: the share of studies whose own report is among the K reports most similar
+    (cosine) to its image embedding. Reports of studies sharing its id count as its own. Also gives chance level
+    (`K / number of reports`) for each K.
+
+    Args:
+        image_embeds (`(N, C)`): one row per study.
+        report_embeds (`(N, C)`): the same studies' reports, in the same order.
+        ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 10)`).
+        study_ids (`Sequence`, *optional*): rows with equal ids are each other's reports; all distinct when `None`.
+
+    Returns:
+        `{"recall@1": ..., "chance@1": ..., ...}`.
+    """
+    image_embeds = torch.nn.functional.normalize(
+        torch.as_tensor(np.asarray(image_embeds), dtype=torch.float32), dim=-1
+    )
+    report_embeds = torch.nn.functional.normalize(
+        torch.as_tensor(np.asarray(report_embeds), dtype=torch.float32), dim=-1
+    )
+    if image_embeds.shape != report_embeds.shape or image_embeds.ndim != 2:
+        raise ValueError(
+            f"Need (studies, dim) image and report embeddings of one shape; got {tuple(image_embeds.shape)} and "
+            f"{tuple(report_embeds.shape)}."
+        )
+    num_studies = image_embeds.shape[0]
+    ids = list(range(num_studies)) if study_ids is None else list(study_ids)
+    index = {}
+    id_codes = torch.tensor([index.setdefault(study_id, len(index)) for study_id in ids])
+    is_own = id_codes[:, None] == id_codes[None, :]  # (N, N)
+    similarity = image_embeds @ report_embeds.t()  # (N, N), image rows
+    ranking = similarity.argsort(dim=1, descending=True)  # (N, N) report indices, best first
+    own_ranked = is_own.gather(1, ranking)  # (N, N)
+    results = {}
+    for k in ks:
+        results[f"recall@{k}"] = own_ranked[:, :k].any(dim=1).float().mean().item()
+        results[f"chance@{k}"] = min(1.0, k / num_studies)
+    return results
+
+
+@dataclass
+class ContrastivePretrainingCollator:
+    """
+    Stage 1's batches: the study inputs of `study_collator` (images, view positions, context, prior; no report tokens)
+    plus `report_input_ids` / `report_attention_mask` (`"[FINDINGS] " + findings` through the processor's context
+    tokenizer, which writes `[CLS]` first) and `study_ids` (equal for rows of one study).
+
+    Args:
+        study_collator (`CdanDataCollator`): with `include_reports=False` and the PriorRG flags the model needs.
+        max_report_length (`int`, *optional*, defaults to 128): truncation of the report text in tokens.
+    """
+
+    study_collator: CdanDataCollator
+    max_report_length: int = 128
+
+    def __post_init__(self):
+        tokenizer = self.study_collator.processor.context_tokenizer
+        if tokenizer is None:
+            raise ValueError(
+                "Contrastive pre-training embeds reports with the processor's context tokenizer, and this processor "
+                "has none; build it with `CdanProcessor.from_reports(..., context_tokenizer=...)`."
+            )
+        if self.study_collator.include_reports:
+            raise ValueError("The study collator of stage 1 must not tokenise reports (`include_reports=False`).")
+        add_report_section_tag(tokenizer)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.study_collator(rows)
+        batch.pop("disease_labels", None)  # PriorRG has no observation classifier
+        tokenizer = self.study_collator.processor.context_tokenizer
+        reports = tokenizer(
+            [f"{REPORT_SECTION_TAG} {row['findings']}" for row in rows],
+            padding=True, truncation=True, max_length=self.max_report_length, return_tensors="pt",
+        )  # fmt: skip
+        batch["report_input_ids"] = reports["input_ids"]
+        batch["report_attention_mask"] = reports["attention_mask"]
+        index: dict[Any, int] = {}
+        batch["study_ids"] = torch.tensor([index.setdefault(row["id"], len(index)) for row in rows])
+        return batch
+
+
+class PriorRGPretrainer(CdanTrainer):
+    """
+    Stage 1 on `CdanTrainer`: the loss is `model.get_contrastive_outputs(...).loss`, and `evaluate()` reports
+    image-to-report retrieval recall@1/5/10 (and chance) on the evaluation split instead of generating reports.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model.get_contrastive_outputs(**inputs)
+        if model.training:
+            weight = 1.0 / self.args.gradient_accumulation_steps
+            self.loss_term_sums["loss_contrastive"] = (
+                self.loss_term_sums.get("loss_contrastive", 0.0) + outputs.loss.detach().item() * weight
+            )
+            self.loss_term_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        return None  # the contrastive loss is a mean over the micro-batch's studies, not a token sum
+
+    def embed_dataset(self, dataset) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+        """Image and report embeddings of every study of `dataset`, in order, with the study ids."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        dataloader = self.get_eval_dataloader(dataset)
+        image_embeds, report_embeds = [], []
+        with torch.inference_mode():
+            for batch in dataloader:
+                batch = self._prepare_inputs(batch)
+                outputs = model.get_contrastive_outputs(**batch)
+                image_embeds.append(outputs.image_embeds.float().cpu().numpy())
+                report_embeds.append(outputs.report_embeds.float().cpu().numpy())
+        return np.concatenate(image_embeds), np.concatenate(report_embeds), list(dataset["id"])
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **kwargs) -> dict:
+        """Retrieval recall@K of the evaluation split (image queries, report gallery), logged and returned."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        image_embeds, report_embeds, study_ids = self.embed_dataset(dataset)
+        metrics = {
+            f"{metric_key_prefix}_{name}": value
+            for name, value in retrieval_recall(image_embeds, report_embeds, study_ids=study_ids).items()
+        }
+        self.log(dict(metrics))  # `log` adds the epoch to the dict it is given
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class PriorRGTrainer(CdanTrainer):
+    """
+    Stage 2 on `CdanTrainer`: PriorRG's two learning rates, `learning_rate` for the decoder (and the memory
+    projection) and `visual_extractor_learning_rate` for everything else (PriorRG: 5e-5 and 5e-6).
+    """
+
+    def learning_rate_groups(self, model) -> list[dict[str, Any]]:
+        decoder_parameters, other_parameters = [], []
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                is_decoder = name.startswith(("decoder.", "memory_projection."))
+                (decoder_parameters if is_decoder else other_parameters).append(parameter)
+        return [
+            {"params": decoder_parameters, "lr": self.args.learning_rate},
+            {"params": other_parameters, "lr": self.args.visual_extractor_learning_rate},
+        ]
+
+
+__all__ = [
+    "RETRIEVAL_RECALL_AT",
+    "ContrastivePretrainingCollator",
+    "PriorRGPretrainer",
+    "PriorRGTrainer",
+    "add_report_section_tag",
+    "retrieval_recall",
+]
