@@ -508,14 +508,15 @@ def generate_reports_and_disease_logits(
     reports: list[str] = []
     disease_logits: list[np.ndarray] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="Generating reports", unit="batch"):
-        rows = dataset[start : start + batch_size]
-        if collator is not None:
+        if collator is not None:  # the collator takes row dicts; the batch is decoded once, here
             batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
             inputs = {key: value for key, value in batch.items() if key not in TRAINING_ONLY_INPUTS}
-        elif "visual_features" in rows:
-            inputs = {"visual_features": torch.as_tensor(np.asarray(rows["visual_features"], dtype=np.float32))}
         else:
-            inputs = {"pixel_values": processor(images=rows["images"], return_tensors="pt")["pixel_values"]}
+            rows = dataset[start : start + batch_size]
+            if "visual_features" in rows:
+                inputs = {"visual_features": torch.as_tensor(np.asarray(rows["visual_features"], dtype=np.float32))}
+            else:
+                inputs = {"pixel_values": processor(images=rows["images"], return_tensors="pt")["pixel_values"]}
         with torch.inference_mode():
             inputs = {key: value.to(model.device) for key, value in inputs.items()}
             encoder_outputs = model.get_encoder()(**inputs)

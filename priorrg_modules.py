@@ -675,6 +675,12 @@ def scatter_rows(rows: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
     return batch
 
 
+def study_id_codes(study_ids: Sequence[Hashable], device: torch.device | None = None) -> torch.Tensor:
+    """Hashable study ids -> `(B,)` integer codes, equal exactly where the ids are (first-seen order)."""
+    index: dict[Hashable, int] = {}
+    return torch.tensor([index.setdefault(study_id, len(index)) for study_id in study_ids], device=device)
+
+
 def study_targets(study_ids: torch.Tensor | Sequence[Hashable], device: torch.device | None = None) -> torch.Tensor:
     """
     Multi-positive targets: `T[i, j] = [id_i == id_j] / #{k: id_k == id_i}`, each row summing to 1, so the images of
@@ -684,8 +690,7 @@ def study_targets(study_ids: torch.Tensor | Sequence[Hashable], device: torch.de
         study_ids (`torch.Tensor` of shape `(batch_size,)` or a sequence of hashable ids, e.g. `"subject_study"`).
     """
     if not isinstance(study_ids, torch.Tensor):
-        index = {}
-        study_ids = torch.tensor([index.setdefault(study_id, len(index)) for study_id in study_ids], device=device)
+        study_ids = study_id_codes(study_ids, device=device)
     same_study = (study_ids[:, None] == study_ids[None, :]).float()  # (B, B)
     return (same_study / same_study.sum(dim=1, keepdim=True)).to(device or study_ids.device)
 
@@ -776,5 +781,6 @@ __all__ = [
     "multi_positive_info_nce",
     "pooled_image_embedding",
     "scatter_rows",
+    "study_id_codes",
     "study_targets",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from priorrg_modules import REPORT_SECTION_TAG
+from priorrg_modules import REPORT_SECTION_TAG, study_id_codes
 from trainer_cdan import CdanDataCollator, CdanTrainer
 
 logger = logging.get_logger(__name__)
@@ -66,9 +66,7 @@ def retrieval_recall(
             f"{tuple(report_embeds.shape)}."
         )
     num_studies = image_embeds.shape[0]
-    ids = list(range(num_studies)) if study_ids is None else list(study_ids)
-    index = {}
-    id_codes = torch.tensor([index.setdefault(study_id, len(index)) for study_id in ids])
+    id_codes = study_id_codes(range(num_studies) if study_ids is None else list(study_ids))  # (N,)
     is_own = id_codes[:, None] == id_codes[None, :]  # (N, N)
     similarity = image_embeds @ report_embeds.t()  # (N, N), image rows
     ranking = similarity.argsort(dim=1, descending=True)  # (N, N) report indices, best first
@@ -116,8 +114,7 @@ class ContrastivePretrainingCollator:
         )  # fmt: skip
         batch["report_input_ids"] = reports["input_ids"]
         batch["report_attention_mask"] = reports["attention_mask"]
-        index: dict[Any, int] = {}
-        batch["study_ids"] = torch.tensor([index.setdefault(row["id"], len(index)) for row in rows])
+        batch["study_ids"] = study_id_codes([row["id"] for row in rows])
         return batch
 
 
