@@ -297,6 +297,11 @@ def build_demo(reporter: CdanReportPipeline, title: str = "CDAN chest X-ray repo
         `gradio.Blocks`: the page; its Generate button is the API endpoint `/generate` (inputs: files, beam count,
         ban the anonymisation token, sentences agree; outputs: report, labels table, heatmap gallery, JSON file).
     """
+    if reporter.model.config.model_type != "cdan":
+        raise ValueError(
+            f"The web demo serves CDAN checkpoints; this one is a {reporter.model.config.model_type!r} model (use the "
+            "pipeline or `cdan-report` for PriorRG and D2R-Net, whose inputs the page does not take)."
+        )
     try:
         import gradio as gr
     except ImportError as error:
@@ -401,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         reporter = load_reporter(model, device=args.device)
+        demo = build_demo(reporter)
     except (FileNotFoundError, ValueError, OSError) as error:
         print(f"app.py: error: {error}", file=sys.stderr)
         return 2
-    build_demo(reporter).launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 

@@ -13,24 +13,32 @@ Inputs (`--inputs`, one or more, mixed freely):
   images (sorted by name) the views, its id the folder's relative path (the folder's own name for images at the top).
   `--group_by auto` (the default): `folder` when the folder has sub-folders, otherwise `file`;
 - a CSV manifest (`.csv`) with columns `id` and `images` (paths separated by `;` or `|`), optionally `indication`,
-  `history`, `view_positions` and `prior_images` (both separated like `images`);
+  `history`, `view_positions` and `prior_images` (both separated like `images`), and `boxes` (JSON, as below);
 - a JSON-lines manifest (`.jsonl`), one object per line with keys `id` and `images` (a list of paths, or one path),
-  optionally `indication`, `history`, `view_positions` (a list) and `prior_images` (the prior study's paths).
+  optionally `indication`, `history`, `view_positions` (a list), `prior_images` (the prior study's paths) and
+  `boxes`: the lesion boxes, one list per image, each box `[x_min, y_min, x_max, y_max]` in pixels of that image or
+  a `BOX_FEATURES` dict (`x_min`, ..., `label`, `score`, `source`), e.g. `[[[10, 20, 80, 90]], []]`.
   Relative paths in a manifest are relative to the manifest's folder;
 - an image file: a one-view study whose id is the path as given.
 
 `indication` and `history`, when given, are copied to the study's output row. A model that reads them (PriorRG, or
 CDAN with `use_clinical_context` / `use_prior_study`) also gets them, the view positions and the prior study (a study
-without them is read as such); another model ignores them with a warning.
+without them is read as such); another model ignores them with a warning. Boxes likewise go to the models that read
+them (D2R-Net, CDAN with `use_lesion_branch`).
+
+`--grounding` (D2R-Net, or CDAN with `use_lesion_alignment`) adds each row's `grounding`: per sentence of the report,
+the study's boxes with their scores, best first (see the pipeline's `return_grounding`); a study without boxes gets an
+error row.
 
 `--precision int8|bf16` and `--compile true` run a faster CPU variant of the model (`inference_cdan.py`; bf16 only on
 CPUs with AVX512-BF16 or AMX, otherwise exit status 2); its reports can differ slightly from float32 ones.
 
 Output (`--output`, JSON lines): one row per study, `{"id", "indication" (when given), "report", "labels",
-"probabilities", "seconds"}`. `labels` and `probabilities` are the reverse-attention classifier's CheXpert labels (see
-the pipeline's `return_labels`), present when the model has that classifier (and `--no_labels` is not given).
-`seconds` is the study's share of its batch's wall time (loading, preprocessing and generation). A study that fails
-(missing or unreadable image, wrong number of views, ...) gets `{"id", "error": message}` and the run goes on.
+"probabilities", "grounding" (with `--grounding`), "seconds"}`. `labels` and `probabilities` are the reverse-attention
+classifier's CheXpert labels (see the pipeline's `return_labels`), present when the model has that classifier (and
+`--no_labels` is not given). `seconds` is the study's share of its batch's wall time (loading, preprocessing and
+generation). A study that fails (missing or unreadable image, wrong number of views, ...) gets `{"id", "error":
+message}` and the run goes on.
 
 Resuming: an existing output file is appended to. Studies that already have a report row in it are skipped; studies
 whose only rows are error rows are run again, and their new row follows the old error row (the last row of an id is
@@ -62,6 +70,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PretrainedConfig
 
 from modeling_cdan import CdanForConditionalGeneration
+from modeling_d2r import D2RNetForConditionalGeneration
 from modeling_priorrg import PriorRGForConditionalGeneration
 from pipeline_cdan import CdanReportPipeline
 from processing_cdan import CdanProcessor
@@ -118,6 +127,10 @@ class ReportArguments:
                   "the linear layers. See inference_cdan.py."},
     )  # fmt: skip
     compile: bool = field(default=False, metadata={"help": "Compile the visual extractor with torch.compile."})
+    grounding: bool = field(
+        default=False,
+        metadata={"help": "Ground each sentence on the study's boxes (D2R-Net, CDAN with use_lesion_alignment)."},
+    )
 
 
 @dataclass
@@ -133,6 +146,7 @@ class Study:
         history (`str`, *optional*): the clinical history, copied to its output row.
         view_positions (`list[str]`, *optional*): the view position of each image (`"PA"`, `"LATERAL"`, ...).
         prior_images (`list[str]`, *optional*): the paths of the patient's prior study.
+        boxes (`list`, *optional*): the lesion boxes, one list per image (checked by the processor).
     """
 
     id: str
@@ -142,6 +156,7 @@ class Study:
     history: str | None = None
     view_positions: list[str] | None = None
     prior_images: list[str] | None = None
+    boxes: list | None = None
 
     def pipeline_input(self) -> tuple[str, ...] | dict[str, Any]:
         """What the pipeline reads: the views, or a study dict when the study has more than its images."""
@@ -149,6 +164,8 @@ class Study:
         details = {key: value for key, value in details.items() if value}
         if self.prior_images:
             details["prior"] = {"images": self.prior_images}
+        if self.boxes:
+            details["boxes"] = self.boxes
         return {"images": list(self.images), **details} if details else tuple(self.images)
 
 
@@ -207,7 +224,27 @@ def manifest_study(record: dict[str, Any], manifest: Path, source: str, images: 
             str(manifest.parent / image) for image in manifest_list(record.get("prior_images"), "prior_images", source)
         ]
         or None,
+        boxes=manifest_boxes(record.get("boxes"), source),
     )
+
+
+def manifest_boxes(value: Any, source: str) -> list | None:
+    """
+    A manifest's `boxes` field: a JSON list with one entry per image (a JSON-lines value, or a CSV cell holding JSON),
+    `None` when absent or empty. The boxes themselves are checked by the processor (an error row for that study).
+    """
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source}: 'boxes' is not valid JSON: {error}.") from error
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{source}: 'boxes' must be a list with one list of boxes per image, got {type(value).__name__}."
+        )
+    return value or None
 
 
 def optional_text(value: Any) -> str | None:
@@ -397,12 +434,19 @@ def load_reporter(
     return CdanReportPipeline(model=model, processor=processor, device=device, precision=precision, compile=compile)
 
 
-REPORT_MODEL_CLASSES = {"cdan": CdanForConditionalGeneration, "priorrg": PriorRGForConditionalGeneration}
+REPORT_MODEL_CLASSES = {
+    "cdan": CdanForConditionalGeneration,
+    "priorrg": PriorRGForConditionalGeneration,
+    "d2r_net": D2RNetForConditionalGeneration,
+}
 """The report models by the `model_type` of their `config.json`."""
 
 
 def load_report_model(name_or_path: str | os.PathLike):
-    """A CDAN or PriorRG checkpoint in eval mode, by the `model_type` of its `config.json` (no remote code is run)."""
+    """
+    A CDAN, PriorRG or D2R-Net checkpoint in eval mode, by the `model_type` of its `config.json` (no remote code is
+    run).
+    """
     model_type = PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
     if model_type not in REPORT_MODEL_CLASSES:
         raise ValueError(
@@ -441,7 +485,7 @@ def report_rows(reporter: CdanReportPipeline, studies: list[Study], **call_kwarg
             if getattr(study, name) is not None:
                 row[name] = getattr(study, name)
         row["report"] = result["generated_text"]
-        row.update({name: result[name] for name in ("labels", "probabilities") if name in result})
+        row.update({name: result[name] for name in ("labels", "probabilities", "grounding") if name in result})
         row["seconds"] = seconds
         rows.append(row)
     return rows
@@ -473,6 +517,8 @@ def write_reports(args: ReportArguments) -> dict[str, int]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     reporter = load_reporter(model_folder, device=args.device, precision=args.precision, compile=args.compile)
+    if args.grounding:
+        reporter.check_grounding_model()
     call_kwargs: dict[str, Any] = {
         name: getattr(args, name)
         for name in ("num_beams", "max_length", "no_repeat_ngram_size")
@@ -482,6 +528,7 @@ def write_reports(args: ReportArguments) -> dict[str, int]:
         ban_anonymisation_token=args.ban_anonymisation_token,
         on_degenerate_image=args.on_degenerate_image,
         return_labels=args.labels and getattr(reporter.model.config, "use_reverse_attention", False),
+        return_grounding=args.grounding,
     )
     pending = (study for study in iter_studies(args.inputs, args.group_by) if study.id not in finished_ids)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -526,9 +573,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "REPORT_MODEL_CLASSES",
-    "load_report_model",
     "IMAGE_SUFFIXES",
+    "REPORT_MODEL_CLASSES",
     "ReportArguments",
     "Study",
     "check_model_folder",
@@ -538,8 +584,10 @@ __all__ = [
     "folder_studies",
     "iter_studies",
     "jsonl_studies",
+    "load_report_model",
     "load_reporter",
     "main",
+    "manifest_boxes",
     "report_rows",
     "write_reports",
 ]

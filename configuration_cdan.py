@@ -12,7 +12,6 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-
 CHEXPERT_OBSERVATIONS = (
     "No Finding",
     "Enlarged Cardiomediastinum",
@@ -41,6 +40,10 @@ ABLATIONS = {
 
 MLC_LOSSES = ("bce", "weighted_bce", "asymmetric")
 """The choices of `CdanConfig.mlc_loss`, the multi-label classification loss L_mlc (Eq. 15)."""
+
+LESION_FEATURE_MODES = ("roi_align", "crop")
+"""How a lesion branch (D2R-Net, or CDAN's `use_lesion_branch`) reads a box: RoIAlign on the CNN's feature map, or
+D2R-Net's crop of the image region, encoded by its own small CNN."""
 
 DIAGNOSIS_STATES = ("negative", "positive", "uncertain")
 """The per-observation states of the diagnosis prompt (`CdanConfig.use_diagnosis_prompt`), by index. NEGATIVE and
@@ -204,6 +207,33 @@ class CdanConfig(PreTrainedConfig):
             keep `u` unchanged.
         temporal_fusion_layers (`int`, *optional*, defaults to 3):
             Blocks of the temporal fusion.
+        use_lesion_branch (`bool`, *optional*, defaults to `False`):
+            D2R-Net's lesion branch (not in the CDAN paper): one token per detector box, pooled from the extractor's
+            feature map (or cropped from the image, `lesion_feature_mode`) and enhanced by LERA, joins `u_s` after
+            the other streams: `u_s = [u_p; u_n; u_k; (ctx;) lesions]`. Padded boxes are masked out of the encoder
+            and the decoder. Needs `lesion_boxes` from `CdanProcessor(boxes=...)`.
+        max_lesion_boxes (`int`, *optional*, defaults to 10):
+            Boxes per view (K) the lesion branch reads.
+        lesion_feature_mode (`str`, *optional*, defaults to `"roi_align"`):
+            `"roi_align"` (RoIAlign on the extractor's feature map) or `"crop"` (D2R-Net's crop of the image, encoded
+            by its small CNN).
+        lesion_roi_size (`int`, *optional*, defaults to 7):
+            RoIAlign output size.
+        lesion_crop_size (`int`, *optional*, defaults to 64):
+            Crop size in pixels in `"crop"` mode.
+        use_lesion_alignment (`bool`, *optional*, defaults to `False`):
+            D2R-Net's alignment blocks (needs `use_lesion_branch`): a BERT-family text encoder
+            (`alignment_text_config`) whose token states are matched with `u` (GAB, the report) and with the lesion
+            tokens (LAB, each sentence); `CdanTrainer` adds both losses, and the pipeline grounds sentences on boxes.
+        alignment_text_config (`dict`, *optional*):
+            The alignment text encoder's configuration (`AutoConfig` dict with `model_type`); a BERT-base-sized BERT
+            when `None`.
+        freeze_alignment_text_model (`bool`, *optional*, defaults to `True`):
+            Keep the alignment text encoder fixed (its projection trains).
+        alignment_margin (`float`, *optional*, defaults to 0.2):
+            Margin of the alignment triplet losses.
+        alignment_smoothing (`float`, *optional*, defaults to 9.0):
+            Inverse temperature of the alignment's word-to-region attention.
 
     Example:
 
@@ -272,6 +302,16 @@ class CdanConfig(PreTrainedConfig):
     context_perceiver_depth: int = 3
     use_prior_study: bool = False
     temporal_fusion_layers: int = 3
+    use_lesion_branch: bool = False
+    max_lesion_boxes: int = 10
+    lesion_feature_mode: str = "roi_align"
+    lesion_roi_size: int = 7
+    lesion_crop_size: int = 64
+    use_lesion_alignment: bool = False
+    alignment_text_config: dict | None = None
+    freeze_alignment_text_model: bool = True
+    alignment_margin: float | int = 0.2
+    alignment_smoothing: float | int = 9.0
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -285,6 +325,8 @@ class CdanConfig(PreTrainedConfig):
             self.observation_names = list(CHEXPERT_OBSERVATIONS[: self.num_observations])
         if self.use_clinical_context and self.context_text_config is None:
             self.context_text_config = {"model_type": "bert", "num_hidden_layers": 6}
+        if self.use_lesion_alignment and self.alignment_text_config is None:
+            self.alignment_text_config = {"model_type": "bert"}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -313,6 +355,26 @@ class CdanConfig(PreTrainedConfig):
         self.validate_observation_thresholds()
         self.validate_diagnosis_prompt()
         self.validate_prior_context()
+        self.validate_lesion_branch()
+
+    def validate_lesion_branch(self):
+        """Check D2R-Net's switches: the box count, the feature mode, and alignment only with the lesion branch."""
+        if self.lesion_feature_mode not in LESION_FEATURE_MODES:
+            raise ValueError(
+                f"`lesion_feature_mode` must be one of {list(LESION_FEATURE_MODES)}, got {self.lesion_feature_mode!r}."
+            )
+        if self.max_lesion_boxes < 1:
+            raise ValueError(f"`max_lesion_boxes` must be at least 1, got {self.max_lesion_boxes}.")
+        if self.use_lesion_alignment:
+            if not self.use_lesion_branch:
+                raise ValueError(
+                    "`use_lesion_alignment` matches sentences with lesion tokens: set `use_lesion_branch`."
+                )
+            if not isinstance(self.alignment_text_config, dict) or "model_type" not in self.alignment_text_config:
+                raise ValueError(
+                    "`alignment_text_config` must be a configuration dict with a `model_type` (e.g. "
+                    "`BertConfig(...).to_dict()`)."
+                )
 
     def validate_prior_context(self):
         """Check the PriorRG switches: the sizes of the context Perceiver and of the temporal fusion."""
@@ -397,4 +459,12 @@ class CdanConfig(PreTrainedConfig):
 
 CdanConfig.register_for_auto_class()
 
-__all__ = ["ABLATIONS", "CHEXPERT_OBSERVATIONS", "DIAGNOSIS_STATES", "MLC_LOSSES", "MODEL_SIZES", "CdanConfig"]
+__all__ = [
+    "ABLATIONS",
+    "CHEXPERT_OBSERVATIONS",
+    "DIAGNOSIS_STATES",
+    "LESION_FEATURE_MODES",
+    "MLC_LOSSES",
+    "MODEL_SIZES",
+    "CdanConfig",
+]

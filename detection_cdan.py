@@ -18,7 +18,9 @@ are DETR-family set-prediction models (DETR, Deformable DETR, RT-DETR, ...), a d
 training recipe. torchvision's model also takes variable box counts and images with no box.
 
 Boxes are `x_min, y_min, x_max, y_max` in pixels of the image given to the detector; class indices are 1-based
-(0 is torchvision's background) into a label vocabulary.
+(0 is torchvision's background) into a label vocabulary. A trained detector is saved as its state dict beside a small
+JSON of its build arguments and labels ([`save_detector`], [`load_detector`]), and [`predict_box_file`] streams a data
+set's images through it into the box file the IU X-Ray and MIMIC-CXR builders read (`boxes_file`).
 """
 
 import copy
@@ -26,8 +28,9 @@ import json
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,10 @@ TRAINING_MODES = (SUPERVISED, SEMI_SUPERVISED)
 
 UNSUPERVISED_LOSSES = ("loss_objectness", "loss_classifier")
 """The losses learnt from pseudo-boxes (Unbiased Teacher: classification only, no box regression)."""
+
+DETECTOR_WEIGHTS_NAME = "detector.pt"
+DETECTOR_CONFIG_NAME = "detector_config.json"
+"""The files [`save_detector`] writes: the state dict, and the build arguments with the labels in class order."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -610,24 +617,170 @@ def write_box_file(
     count = 0
     with open(path, "w", encoding="utf-8") as file:
         for sample, prediction in zip(samples, predictions):
-            order = prediction["scores"].argsort(descending=True)
-            boxes = [
-                LesionBox(
-                    *prediction["boxes"][index].tolist(),
-                    label=vocabulary[int(prediction["labels"][index]) - 1],
-                    score=float(prediction["scores"][index]),
-                    source=PSEUDO,
-                ).to_row()
-                for index in order.tolist()
-            ]
-            count += len(boxes)
-            height, width = sample.image.shape
-            file.write(json.dumps({**sample.key, "image_size": [width, height], "boxes": boxes}) + "\n")
+            record = box_file_record(sample, prediction, vocabulary)
+            count += len(record["boxes"])
+            file.write(json.dumps(record) + "\n")
     return count
+
+
+def box_file_record(
+    sample: DetectionSample, prediction: Mapping[str, torch.Tensor], vocabulary: Sequence[str]
+) -> dict[str, Any]:
+    """One line of the box file (see [`write_box_file`]): the sample's key, `image_size` and its boxes, best first."""
+    order = prediction["scores"].argsort(descending=True)
+    boxes = [
+        LesionBox(
+            *prediction["boxes"][index].tolist(),
+            label=vocabulary[int(prediction["labels"][index]) - 1],
+            score=float(prediction["scores"][index]),
+            source=PSEUDO,
+        ).to_row()
+        for index in order.tolist()
+    ]
+    height, width = sample.image.shape
+    return {**sample.key, "image_size": [width, height], "boxes": boxes}
+
+
+@torch.no_grad()
+def predict_box_file(
+    model: FasterRCNN,
+    samples: Iterable[DetectionSample],
+    vocabulary: Sequence[str],
+    path: str | os.PathLike,
+    batch_size: int = 8,
+    total: int | None = None,
+) -> dict[str, int]:
+    """
+    Streams images through the detector into a box file (the format of [`write_box_file`]), `batch_size` at a time,
+    so that a data set of any size never sits in memory. The file is written to `<path>.partial` and renamed when
+    complete (and removed on an error), so an interrupted run leaves no truncated box file behind.
+
+    Args:
+        model (`FasterRCNN`): the detector (put in eval mode).
+        samples (`Iterable[DetectionSample]`): the images (their boxes are ignored), e.g. a generator over a data set.
+        vocabulary (`Sequence[str]`): the labels in class order.
+        path (`str` or `os.PathLike`): the box file to write.
+        batch_size (`int`, *optional*, defaults to 8): images per forward pass.
+        total (`int`, *optional*): the number of images, for the progress bar.
+
+    Returns:
+        `dict[str, int]`: `images` and `boxes` written.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    model.eval()
+    counts = {"images": 0, "boxes": 0}
+    try:
+        with open(partial, "w", encoding="utf-8") as file, tqdm(total=total, desc="box file", unit="image") as bar:
+            for batch in _chunks(samples, batch_size):
+                predictions = model([to_model_input(sample.image) for sample in batch])
+                for sample, prediction in zip(batch, predictions):
+                    record = box_file_record(sample, prediction, vocabulary)
+                    file.write(json.dumps(record) + "\n")
+                    counts["boxes"] += len(record["boxes"])
+                counts["images"] += len(batch)
+                bar.update(len(batch))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+    return counts
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def save_detector(
+    model: FasterRCNN,
+    directory: str | os.PathLike,
+    labels: Sequence[str],
+    backbone: str = "tiny",
+    image_size: int = 256,
+    focal_gamma: float | None = None,
+) -> Path:
+    """
+    Save a detector built by [`build_detector`]: its state dict (`DETECTOR_WEIGHTS_NAME`) and its build arguments
+    with the labels in class order (`DETECTOR_CONFIG_NAME`), enough for [`load_detector`] to rebuild it offline.
+
+    Args:
+        model (`FasterRCNN`): the detector.
+        directory (`str` or `os.PathLike`): the folder to write (created if needed).
+        labels (`Sequence[str]`): the label vocabulary (class `i + 1` is `labels[i]`).
+        backbone, image_size, focal_gamma: the arguments `model` was built with (see [`build_detector`]).
+
+    Returns:
+        `Path`: the folder.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {"labels": list(labels), "backbone": backbone, "image_size": image_size, "focal_gamma": focal_gamma}
+    torch.save(model.state_dict(), directory / DETECTOR_WEIGHTS_NAME)
+    (directory / DETECTOR_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_detector(directory: str | os.PathLike) -> tuple[FasterRCNN, list[str]]:
+    """
+    A detector saved by [`save_detector`], on the CPU in eval mode, with its labels.
+
+    Args:
+        directory (`str` or `os.PathLike`): the folder holding `DETECTOR_WEIGHTS_NAME` and `DETECTOR_CONFIG_NAME`.
+
+    Returns:
+        `(detector, labels)`: the model, and its labels in class order.
+
+    Raises:
+        `FileNotFoundError`: a file is missing (named). `ValueError`: the JSON lacks a setting, or the weights do not
+            fit the model it describes.
+    """
+    directory = Path(directory)
+    for name in (DETECTOR_CONFIG_NAME, DETECTOR_WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(
+                f"{directory / name} not found: a saved detector folder holds {DETECTOR_CONFIG_NAME} and "
+                f"{DETECTOR_WEIGHTS_NAME} (written by save_detector, e.g. by scripts/train_detector.py)."
+            )
+    settings = json.loads((directory / DETECTOR_CONFIG_NAME).read_text(encoding="utf-8"))
+    missing = [name for name in ("labels", "backbone", "image_size") if name not in settings]
+    if missing:
+        raise ValueError(f"{directory / DETECTOR_CONFIG_NAME} lacks {', '.join(map(repr, missing))}.")
+    labels = list(settings["labels"])
+    model = build_detector(
+        len(labels),
+        backbone=settings["backbone"],
+        image_size=settings["image_size"],
+        focal_gamma=settings.get("focal_gamma"),
+    )
+    state_dict = torch.load(directory / DETECTOR_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise ValueError(
+            f"The weights in {directory / DETECTOR_WEIGHTS_NAME} do not fit the detector {directory} describes: "
+            f"{error}"
+        ) from error
+    return model.eval(), labels
 
 
 __all__ = [
     "BACKBONES",
+    "DETECTOR_CONFIG_NAME",
+    "DETECTOR_WEIGHTS_NAME",
     "SEMI_SUPERVISED",
     "SUPERVISED",
     "TRAINING_MODES",
@@ -637,12 +790,16 @@ __all__ = [
     "TeacherStudentConfig",
     "TinyFpnBackbone",
     "average_precision",
+    "box_file_record",
     "build_detector",
     "ema_update",
     "focal_loss",
+    "load_detector",
     "predict",
+    "predict_box_file",
     "pseudo_targets",
     "sample_from_boxes",
+    "save_detector",
     "strong_augment",
     "to_model_input",
     "train_teacher_student",

@@ -37,8 +37,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from tqdm.auto import tqdm
 
 from consistency_cdan import align_reports_with_classifier
+from d2r_modules import ALIGNMENT_TEXT_INPUTS
 from labeler_cdan import CHEXPERT_OBSERVATIONS, EVALUATION_OBSERVATIONS, label_reports, to_binary
-
 
 NLG_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 CE_METRICS = ("CE micro-P", "CE micro-R", "CE micro-F1", "CE macro-P", "CE macro-R", "CE macro-F1",
@@ -61,11 +61,12 @@ METEOR_TIMEOUT_S = 600.0
 """Seconds the METEOR Java process may take for one `compute_nlg_metrics` call before it is killed."""
 
 
-MODEL_DISPLAY_NAMES = {"cdan": "CDAN", "priorrg": "PriorRG"}
+MODEL_DISPLAY_NAMES = {"cdan": "CDAN", "priorrg": "PriorRG", "d2r_net": "D2R-Net"}
 """Row names of the evaluation tables by `config.model_type`."""
 
-TRAINING_ONLY_INPUTS = ("labels", "disease_labels", "reference_embeddings", "diagnosis_states")
+TRAINING_ONLY_INPUTS = ("labels", "disease_labels", "reference_embeddings", "diagnosis_states", *ALIGNMENT_TEXT_INPUTS)
 """Collator outputs that generation never reads."""
+
 
 def check_reports(texts: Iterable[str], name: str) -> list[str]:
     """`texts` as a list, after checking that it is a collection of `str` (one report per study), not one string."""
@@ -655,8 +656,8 @@ def evaluate_split(
 __all__ = [
     "CE_METRICS",
     "MAX_SCORED_WORDS",
-    "MODEL_DISPLAY_NAMES",
     "METEOR_TIMEOUT_S",
+    "MODEL_DISPLAY_NAMES",
     "NLG_METRICS",
     "PAPER_TABLE_COLUMNS",
     "PUBLISHED_IU_XRAY",
@@ -674,9 +675,9 @@ __all__ = [
     "generate_reports_and_disease_logits",
     "macro_f1",
     "markdown_table",
-    "model_display_name",
     "mean_auroc",
     "meteor_score",
+    "model_display_name",
     "most_frequent_report",
     "precision_recall_f1",
     "reference_reports",

@@ -21,26 +21,35 @@ References:
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import timm
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-
 try:
     from .configuration_cdan import DIAGNOSIS_STATES, CdanConfig
+    from .d2r_modules import ImageTextAlignment, LesionEncoder
+    from .layers_cdan import (
+        CdanAttention,
+        CdanDecoderLayer,
+        CdanEncoderLayer,
+        CdanLinear,
+        CdanVisualExtractor,
+        SharedMemoryGenerationMixin,
+        check_lesion_box_tensors,
+        check_study_pixel_values,
+        key_padding_mask,
+        patch_features_to_maps,
+        shift_tokens_right,
+        sinusoidal_positions,
+    )
     from .priorrg_modules import (
         ContextEncoder,
         PerceiverResampler,
@@ -50,6 +59,21 @@ try:
     )
 except ImportError:
     from configuration_cdan import DIAGNOSIS_STATES, CdanConfig
+    from d2r_modules import ImageTextAlignment, LesionEncoder
+    from layers_cdan import (
+        CdanAttention,
+        CdanDecoderLayer,
+        CdanEncoderLayer,
+        CdanLinear,
+        CdanVisualExtractor,
+        SharedMemoryGenerationMixin,
+        check_lesion_box_tensors,
+        check_study_pixel_values,
+        key_padding_mask,
+        patch_features_to_maps,
+        shift_tokens_right,
+        sinusoidal_positions,
+    )
     from priorrg_modules import (
         ContextEncoder,
         PerceiverResampler,
@@ -82,12 +106,24 @@ class CdanEncoderOutput(BaseModelOutput):
         negative_attentions (`torch.FloatTensor` of shape `(batch_size, num_heads, num_patches, num_patches)`, *optional*):
             Weights of the negative attention (`1 - softmax`, renormalised if configured), returned when
             `output_attentions=True`.
+        memory_mask (`torch.BoolTensor` of shape `(batch_size, memory_length)`, *optional*):
+            With `use_lesion_branch`: `True` for the memory tokens to attend to (padded boxes are `False`).
+        patch_embeddings (`torch.FloatTensor` of shape `(batch_size, num_patches, d_model)`, *optional*):
+            With `use_lesion_alignment`: the projected patch features `u`, GAB's image side.
+        lesion_embeddings (`torch.FloatTensor` of shape `(batch_size, num_views * max_lesion_boxes, d_model)`, *optional*):
+            With `use_lesion_branch`: one feature per box (exact zeros at padding), LAB's image side.
+        lesion_mask (`torch.BoolTensor` of shape `(batch_size, num_views * max_lesion_boxes)`, *optional*):
+            Which lesion rows are real boxes.
     """
 
     disease_logits: torch.FloatTensor | None = None
     pooled_semantic_states: torch.FloatTensor | None = None
     positive_attentions: torch.FloatTensor | None = None
     negative_attentions: torch.FloatTensor | None = None
+    memory_mask: torch.BoolTensor | None = None
+    patch_embeddings: torch.FloatTensor | None = None
+    lesion_embeddings: torch.FloatTensor | None = None
+    lesion_mask: torch.BoolTensor | None = None
 
 
 @dataclass
@@ -106,6 +142,8 @@ class CdanSeq2SeqModelOutput(Seq2SeqModelOutput):
             Negative attention weights, when `output_attentions=True`.
         diagnosis_states (`torch.LongTensor` of shape `(batch_size, num_observations)`, *optional*):
             The diagnosis prompt the decoder read (indices into `DIAGNOSIS_STATES`), when `use_diagnosis_prompt`.
+        patch_embeddings, lesion_embeddings, lesion_mask:
+            The lesion branch's outputs of [`CdanEncoderOutput`], for the alignment losses.
     """
 
     disease_logits: torch.FloatTensor | None = None
@@ -113,6 +151,9 @@ class CdanSeq2SeqModelOutput(Seq2SeqModelOutput):
     positive_attentions: torch.FloatTensor | None = None
     negative_attentions: torch.FloatTensor | None = None
     diagnosis_states: torch.LongTensor | None = None
+    patch_embeddings: torch.FloatTensor | None = None
+    lesion_embeddings: torch.FloatTensor | None = None
+    lesion_mask: torch.BoolTensor | None = None
 
 
 @dataclass
@@ -137,6 +178,12 @@ class CdanSeq2SeqLMOutput(Seq2SeqLMOutput):
             Negative attention weights, when `output_attentions=True`.
         diagnosis_states (`torch.LongTensor` of shape `(batch_size, num_observations)`, *optional*):
             The diagnosis prompt the decoder read (indices into `DIAGNOSIS_STATES`), when `use_diagnosis_prompt`.
+        global_alignment_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            With `use_lesion_alignment` and the report text inputs: D2R-Net's GAB loss (added by the trainer).
+        local_alignment_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            With `use_lesion_alignment` and the sentence inputs: D2R-Net's LAB loss (added by the trainer).
+        lesion_embeddings, lesion_mask:
+            With `use_lesion_branch`: the per-box features and their mask (see [`CdanEncoderOutput`]).
     """
 
     disease_logits: torch.FloatTensor | None = None
@@ -144,24 +191,10 @@ class CdanSeq2SeqLMOutput(Seq2SeqLMOutput):
     positive_attentions: torch.FloatTensor | None = None
     negative_attentions: torch.FloatTensor | None = None
     diagnosis_states: torch.LongTensor | None = None
-
-
-def sinusoidal_positions(num_positions: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Fixed sine/cosine position codes of Vaswani et al. (2017), shape `(num_positions, dim)`."""
-    positions = torch.arange(num_positions, device=device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
-    frequencies = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    codes = torch.zeros(num_positions, dim, device=device, dtype=torch.float32)
-    codes[:, 0::2] = torch.sin(positions * frequencies)
-    codes[:, 1::2] = torch.cos(positions * frequencies[: dim // 2])
-    return codes.to(dtype)
-
-
-def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
-    """Decoder inputs from labels: prepend the start token, drop the last label, and turn `-100` into padding."""
-    decoder_input_ids = labels.new_zeros(labels.shape)
-    decoder_input_ids[:, 1:] = labels[:, :-1].clone()
-    decoder_input_ids[:, 0] = decoder_start_token_id
-    return decoder_input_ids.masked_fill(decoder_input_ids == -100, pad_token_id)
+    global_alignment_loss: torch.FloatTensor | None = None
+    local_alignment_loss: torch.FloatTensor | None = None
+    lesion_embeddings: torch.FloatTensor | None = None
+    lesion_mask: torch.BoolTensor | None = None
 
 
 def diagnosis_states_from_logits(
@@ -183,331 +216,6 @@ def diagnosis_states_from_logits(
     states[distance > -uncertainty_margin] = DIAGNOSIS_STATES.index("uncertain")  # empty band when the margin is 0
     states[distance > uncertainty_margin] = DIAGNOSIS_STATES.index("positive")
     return states
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention in plain torch; inputs are `(B, H, T, D)`, the output is `(B, T, H, D)`."""
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # QK^T / sqrt(d) of Eq. (8), (B, H, T, S)
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, H, D)
-    return attn_output, attn_weights
-
-
-class CdanVisualExtractor(nn.Module):
-    """
-    The visual extractor VE of Eq. (4): a `timm` CNN whose last feature map gives the patch features `u`.
-
-    Each of the `num_views` views is encoded separately and their patches are stacked along the token axis, as R2Gen
-    does, so a 224 px two-view study through ResNet-101 gives `2 x 7 x 7 = 98` tokens of width 2048.
-
-    Args:
-        config (`CdanConfig`):
-            Reads `visual_extractor`, `visual_extractor_kwargs` and `visual_extractor_channels_last`.
-    """
-
-    def __init__(self, config: CdanConfig):
-        super().__init__()
-        self.config = config
-        self.backbone = timm.create_model(
-            config.visual_extractor,
-            pretrained=False,
-            num_classes=0,
-            global_pool="",
-            **(config.visual_extractor_kwargs or {}),
-        )
-        self.num_features = self.backbone.num_features
-        self.channels_last = config.visual_extractor_channels_last
-        # timm has initialised the backbone its own way (e.g. Kaiming for ResNets); keep that instead of the
-        # generic normal(0, init_std) of `_init_weights`, which suits the transformer layers.
-        for module in self.backbone.modules():
-            module._is_hf_initialized = True
-
-    def train(self, mode: bool = True) -> "CdanVisualExtractor":
-        """A frozen extractor (no parameter requires grad) stays in eval mode, so its BatchNorm statistics stay fixed."""
-        return super().train(mode and any(parameter.requires_grad for parameter in self.parameters()))
-
-    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Run the CNN on a stack of single views: `(N, 3, H, W)` -> `(N, C, h, w)`."""
-        if self.channels_last:  # convolutions follow their input's format; the weights may stay as they are
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return self.backbone.forward_features(pixel_values)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(B, V, 3, H, W)` -> patch features `u` of shape `(B, V*h*w, C)`."""
-        batch_size, num_views = pixel_values.shape[:2]
-        feature_maps = self.forward_features(pixel_values.flatten(0, 1))  # (B*V, C, h, w)
-        patches = feature_maps.flatten(2).transpose(1, 2)  # (B*V, h*w, C)
-        return patches.reshape(batch_size, num_views * patches.shape[1], patches.shape[2])  # (B, V*h*w, C)
-
-    def load_pretrained_weights(self, weights_path: str | os.PathLike | None = None) -> None:
-        """
-        Load ImageNet weights into the backbone, from a local file or, without one, from the Hugging Face Hub.
-
-        Args:
-            weights_path (`str` or `os.PathLike`, *optional*):
-                A `.safetensors`, `.pth`, `.pt` or `.bin` state dict of the same `timm` architecture. Classifier
-                weights in it are ignored.
-
-        Raises:
-            FileNotFoundError: `weights_path` does not exist.
-            ValueError: the file does not match the architecture.
-            OSError: no file was given and the Hub cannot be reached.
-        """
-        if weights_path is None:
-            try:
-                reference = timm.create_model(self.config.visual_extractor, pretrained=True, num_classes=0)
-            except Exception as error:  # timm raises several network/Hub error types
-                raise OSError(
-                    f"Could not download ImageNet weights for the visual extractor {self.config.visual_extractor!r} "
-                    f"from the Hugging Face Hub ({type(error).__name__}: {error}). If this machine is offline, pass "
-                    "a local weights file: `--visual_extractor_weights /path/to/weights.safetensors` in train.py, "
-                    "`CdanConfig(visual_extractor_weights=...)`, or `load_pretrained_weights(weights_path=...)`; or "
-                    "train the extractor from scratch with `--visual_extractor_pretrained False`."
-                ) from error
-            state_dict = reference.state_dict()
-        else:
-            weights_path = os.fspath(weights_path)
-            if not os.path.isfile(weights_path):
-                raise FileNotFoundError(f"Visual extractor weights file not found: {weights_path}")
-            if weights_path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                state_dict = load_file(weights_path)
-            else:
-                state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
-                state_dict = state_dict.get("state_dict", state_dict)
-        own_keys = set(self.backbone.state_dict())
-        matched = {key: value for key, value in state_dict.items() if key in own_keys}
-        missing = sorted(own_keys - set(matched))
-        if missing:
-            source = weights_path or "the Hub"
-            raise ValueError(
-                f"Weights from {source} do not fit visual extractor {self.config.visual_extractor!r}: "
-                f"{len(missing)} tensors missing, e.g. {missing[:3]}."
-            )
-        self.backbone.load_state_dict(matched, strict=True)
-
-
-class CdanLinear(nn.Linear):
-    """
-    `nn.Linear` with a faster path for CPU inference.
-
-    Without autograd or autocast, on a float32 CPU weight, it multiplies with a copy of the weight that oneDNN has
-    reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the prepacking that
-    `torch.compile`'s CPU freezing pass applies), where `F.linear`'s BLAS call repacks the weight at every call. That
-    repacking dominates when few rows meet a large weight, as in each decoding step (batch x beams rows): there the
-    packed product is faster. Results agree with `F.linear` up to float32 rounding. Inputs of more than
-    `max_packed_rows` rows take `F.linear`: the BLAS repacking is amortised there, and oneDNN's large products need
-    more memory.
-
-    The packed copy is built at the first such call, rebuilt when the weight is replaced or changed in place, dropped
-    when the module moves, is copied or trains, and never saved: the state dict is that of `nn.Linear`. Everywhere
-    else (training, GPUs, other dtypes, autocast, `torch.compile`, tracing) the layer is a plain `nn.Linear`.
-
-    Args:
-        in_features (`int`):
-            Width of the input.
-        out_features (`int`):
-            Width of the output.
-        bias (`bool`, *optional*, defaults to `True`):
-            Whether to add a learned bias.
-        prepack_on_cpu (`bool`, *optional*, defaults to `True`):
-            Allow the packed CPU inference path (`CdanConfig.prepacked_cpu_linear`).
-    """
-
-    max_packed_rows = 256
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, prepack_on_cpu: bool = True, **kwargs):
-        super().__init__(in_features, out_features, bias=bias, **kwargs)
-        self.prepack_on_cpu = prepack_on_cpu
-        self._drop_packed_weight()
-
-    @classmethod
-    def from_config(cls, config: CdanConfig, in_features: int, out_features: int, bias: bool = True) -> "CdanLinear":
-        """The linear layer of a CDAN model: the configuration decides whether the packed CPU path is allowed."""
-        return cls(in_features, out_features, bias=bias, prepack_on_cpu=config.prepacked_cpu_linear)
-
-    def _drop_packed_weight(self) -> None:
-        self._packed_weight: torch.Tensor | None = None
-        self._packed_weight_key: tuple[int, int] | None = None  # the weight's address and version when packed
-        self._packed_weight_storage: torch.UntypedStorage | None = None  # held, so the address cannot be reused
-
-    def uses_packed_weight(self, hidden_states: torch.Tensor) -> bool:
-        """Whether this call takes the packed oneDNN path (see the class docstring)."""
-        weight = self.weight
-        return (
-            self.prepack_on_cpu
-            and not torch.is_grad_enabled()
-            and weight.device.type == "cpu"
-            and weight.dtype == hidden_states.dtype == torch.float32
-            and hidden_states.shape[-1] == self.in_features
-            and hidden_states.numel() <= self.max_packed_rows * self.in_features
-            and not weight.is_inference()  # inference tensors keep no version counter to detect in-place changes
-            and torch.backends.mkldnn.is_available()
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting()
-        )
-
-    def packed_weight(self) -> torch.Tensor:
-        """The oneDNN-packed weight, packed again if the weight changed since it was last packed."""
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version)
-        if key != self._packed_weight_key:
-            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            self._packed_weight_key, self._packed_weight_storage = key, weight.untyped_storage()
-        return self._packed_weight
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.uses_packed_weight(hidden_states):
-            return super().forward(hidden_states)
-        try:
-            return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight(), self.bias, "none", [], "")
-        except (AttributeError, NotImplementedError, RuntimeError) as error:  # a PyTorch build without these ops
-            logger.warning_once(f"Prepacked CPU linear layers are unavailable ({error}); using `F.linear` instead.")
-            self.prepack_on_cpu = False
-            self._drop_packed_weight()
-            return super().forward(hidden_states)
-
-    def train(self, mode: bool = True) -> "CdanLinear":
-        if mode:
-            self._drop_packed_weight()
-        return super().train(mode)
-
-    def _apply(self, fn, recurse: bool = True):
-        self._drop_packed_weight()  # `.to()`, `.float()`, ... give the weight new storage
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        return {**state, "_packed_weight": None, "_packed_weight_key": None, "_packed_weight_storage": None}
-
-
-class CdanAttention(nn.Module):
-    """
-    Multi-head softmax attention, `Attention(Q, K, V) = softmax(QK^T / sqrt(d)) V`.
-
-    It is the paper's PositiveAttention when used in the reverse-attention module, and the self- and cross-attention
-    of the encoder and decoder layers, where it reads and writes an `EncoderDecoderCache` through `layer_idx`.
-
-    Args:
-        config (`CdanConfig`):
-            Selects the attention kernel (`config._attn_implementation`).
-        embed_dim (`int`):
-            Width of queries, keys and values.
-        num_heads (`int`):
-            Number of heads.
-        dropout (`float`, *optional*, defaults to 0.0):
-            Dropout on the attention weights while training.
-        is_causal (`bool`, *optional*, defaults to `False`):
-            Whether this is the decoder's masked self-attention.
-        layer_idx (`int`, *optional*):
-            Index of the decoder layer, to address the cache.
-    """
-
-    def __init__(
-        self,
-        config: CdanConfig,
-        embed_dim: int,
-        num_heads: int,
-        dropout: float = 0.0,
-        is_causal: bool = False,
-        layer_idx: int | None = None,
-    ):
-        super().__init__()
-        self.config = config
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.scaling = self.head_dim**-0.5
-        self.dropout = dropout
-        self.is_causal = is_causal
-        self.layer_idx = layer_idx
-        self.q_proj = CdanLinear.from_config(config, embed_dim, embed_dim)  # W_q of Eq. (5)
-        self.k_proj = CdanLinear.from_config(config, embed_dim, embed_dim)  # W_k of Eq. (6)
-        self.v_proj = CdanLinear.from_config(config, embed_dim, embed_dim)  # W_v of Eq. (7)
-        self.out_proj = CdanLinear.from_config(config, embed_dim, embed_dim)
-
-    def project_query_key_value(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        cache: Cache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project to heads, `(B, T, C)` -> `(B, H, T, D)`, reusing or extending the cache when one is given."""
-        is_cross_attention = key_value_states is not None
-        query_states = self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-
-        layer_cache, cross_is_cached = cache, False
-        if isinstance(cache, EncoderDecoderCache):
-            cross_is_cached = is_cross_attention and cache.is_updated.get(self.layer_idx, False)
-            layer_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
-        if cross_is_cached:  # the encoder memory does not change during generation: reuse its keys and values
-            key_states = layer_cache.layers[self.layer_idx].keys
-            value_states = layer_cache.layers[self.layer_idx].values
-            return query_states, key_states, value_states
-
-        source_states = key_value_states if is_cross_attention else hidden_states
-        key_states = self.k_proj(source_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        value_states = self.v_proj(source_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        if layer_cache is not None:
-            key_states, value_states = layer_cache.update(key_states, value_states, self.layer_idx)
-            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
-                cache.is_updated[self.layer_idx] = True
-        return query_states, key_states, value_states
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Queries from `hidden_states` `(B, T, C)`; keys and values from `key_value_states` `(B, S, C)` if given."""
-        query_states, key_states, value_states = self.project_query_key_value(hidden_states, key_value_states, cache)
-        # `//` and `%` rather than `divmod`, which symbolic sizes (torch.export, ONNX export) do not support
-        queries_per_memory = query_states.shape[0] // key_states.shape[0]
-        unmatched = query_states.shape[0] % key_states.shape[0]
-        if unmatched or (queries_per_memory > 1 and attention_mask is not None):
-            raise ValueError(
-                f"Cannot attend {query_states.shape[0]} query sequences to {key_states.shape[0]} memories: the number "
-                "of queries must be a multiple of the number of memories, with no attention mask."
-            )
-        if queries_per_memory > 1:  # the beams of one study share its memory: one attention call per study
-            query_states = query_states.unflatten(0, (-1, queries_per_memory)).transpose(1, 2).flatten(2, 3)
-        implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )  # (B, T, H, D), or (B_memory, k*T, H, D) for grouped queries
-        if queries_per_memory > 1:
-            attn_output = attn_output.unflatten(1, (queries_per_memory, -1)).flatten(0, 1)  # (B, T, H, D)
-            if attn_weights is not None:
-                attn_weights = attn_weights.unflatten(2, (queries_per_memory, -1)).transpose(1, 2).flatten(0, 1)
-        attn_output = self.out_proj(attn_output.flatten(2))  # (B, T, C)
-        return attn_output, attn_weights
 
 
 class CdanNegativeAttention(CdanAttention):
@@ -653,88 +361,6 @@ class CdanDiagnosisPrompt(nn.Module):
         return self.state_embeddings(diagnosis_states + observation_offsets)  # (B, O, C)
 
 
-class CdanFeedForward(nn.Module):
-    """Position-wise feed-forward block `W_2 act(W_1 x)`."""
-
-    def __init__(self, config: CdanConfig, ffn_dim: int):
-        super().__init__()
-        self.fc1 = CdanLinear.from_config(config, config.d_model, ffn_dim)
-        self.fc2 = CdanLinear.from_config(config, ffn_dim, config.d_model)
-        self.activation_fn = ACT2FN[config.activation_function]
-        self.activation_dropout = config.activation_dropout
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.activation_fn(self.fc1(hidden_states))
-        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
-        return self.fc2(hidden_states)
-
-
-class CdanEncoderLayer(GradientCheckpointingLayer):
-    """Pre-LayerNorm transformer encoder layer over `u_s`."""
-
-    def __init__(self, config: CdanConfig, layer_idx: int | None = None):
-        super().__init__()
-        self.self_attn = CdanAttention(
-            config, config.d_model, config.encoder_attention_heads, config.attention_dropout, layer_idx=layer_idx
-        )
-        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
-        self.feed_forward = CdanFeedForward(config, config.encoder_ffn_dim)
-        self.final_layer_norm = nn.LayerNorm(config.d_model)
-        self.dropout = config.dropout
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states))
-        hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
-        ffn_output = self.feed_forward(self.final_layer_norm(hidden_states))
-        return hidden_states + nn.functional.dropout(ffn_output, p=self.dropout, training=self.training)
-
-
-class CdanDecoderLayer(GradientCheckpointingLayer):
-    """Pre-LayerNorm transformer decoder layer: masked self-attention, cross-attention to `u_s`, feed-forward."""
-
-    def __init__(self, config: CdanConfig, layer_idx: int | None = None):
-        super().__init__()
-        width, heads, dropout = config.d_model, config.decoder_attention_heads, config.attention_dropout
-        self.self_attn = CdanAttention(config, width, heads, dropout, is_causal=True, layer_idx=layer_idx)
-        self.self_attn_layer_norm = nn.LayerNorm(width)
-        self.encoder_attn = CdanAttention(config, width, heads, dropout, layer_idx=layer_idx)
-        self.encoder_attn_layer_norm = nn.LayerNorm(width)
-        self.feed_forward = CdanFeedForward(config, config.decoder_ffn_dim)
-        self.final_layer_norm = nn.LayerNorm(width)
-        self.dropout = config.dropout
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool | None = True,
-        output_attentions: bool = False,
-        **kwargs,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """
-        Returns the new hidden states `(B, T, C)`, and with `output_attentions=True` also the cross-attention weights
-        over `encoder_hidden_states`, `(B, H, T, S)`.
-        """
-        attn_output, _ = self.self_attn(
-            self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask
-        )
-        hidden_states = hidden_states + nn.functional.dropout(attn_output, p=self.dropout, training=self.training)
-        cross_output, cross_weights = self.encoder_attn(
-            self.encoder_attn_layer_norm(hidden_states),
-            key_value_states=encoder_hidden_states,
-            cache=cache,
-            output_attentions=output_attentions,
-        )
-        hidden_states = hidden_states + nn.functional.dropout(cross_output, p=self.dropout, training=self.training)
-        ffn_output = self.feed_forward(self.final_layer_norm(hidden_states))
-        hidden_states = hidden_states + nn.functional.dropout(ffn_output, p=self.dropout, training=self.training)
-        if output_attentions:
-            return hidden_states, cross_weights
-        return hidden_states
-
-
 class CdanPreTrainedModel(PreTrainedModel):
     """Weight initialisation and the shared class attributes of the CDAN models."""
 
@@ -748,6 +374,11 @@ class CdanPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
+
+    @property
+    def has_disease_classifier(self) -> bool:
+        """Whether the model classifies the CheXpert observations (the reverse-attention module, `u_c`)."""
+        return self.config.use_reverse_attention
 
     def diagnosis_decisions(self, disease_logits: torch.Tensor) -> torch.LongTensor:
         """
@@ -811,7 +442,59 @@ class CdanEncoder(CdanPreTrainedModel):
             self.context_perceiver = PerceiverResampler(
                 config.d_model, num_latents=config.context_num_latents, depth=config.context_perceiver_depth
             )
+        self.lesion_encoder = self.lesion_norm = self.lesion_type_embedding = None
+        if config.use_lesion_branch:  # D2R-Net's lesion branch (d2r_modules), not in the CDAN paper
+            crop = config.lesion_feature_mode == "crop"
+            self.lesion_encoder = LesionEncoder(
+                3 if crop else self.visual_extractor.num_features,
+                config.d_model,
+                mode=config.lesion_feature_mode,
+                roi_size=config.lesion_roi_size,
+                crop_size=config.lesion_crop_size,
+            )
+            for submodule in self.lesion_encoder.modules():  # a CNN head: keep PyTorch's initialisation
+                submodule._is_hf_initialized = True
+            self.lesion_norm = nn.LayerNorm(config.d_model)
+            self.lesion_type_embedding = nn.Embedding(1, config.d_model)  # tells lesion tokens from the rest
         self.post_init()
+
+    def encode_lesions(
+        self,
+        visual_features: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        lesion_boxes: torch.Tensor | None,
+        lesion_box_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """
+        One feature per box of every view (D2R-Net's lesion branch): RoIAlign on the extractor's square feature map
+        (rebuilt from `visual_features`, so cached features work too) or a crop of `pixel_values`.
+
+        Returns:
+            `(lesion_embeddings, lesion_mask)`: `(B, V*K, d_model)` with exact zeros at padding, and `(B, V*K)`.
+        """
+        config = self.config
+        batch_size, num_views = visual_features.shape[0], config.num_views
+        lesion_boxes, lesion_box_mask = check_lesion_box_tensors(
+            lesion_boxes, lesion_box_mask, batch_size, num_views, config.max_lesion_boxes, visual_features.device
+        )
+        feature_maps = patch_features_to_maps(visual_features, num_views)  # (B*V, C, h, w)
+        side = feature_maps.shape[-1]
+        if pixel_values is not None:
+            views = check_study_pixel_values(pixel_values, num_views).flatten(0, 1)  # (B*V, 3, H, W)
+            image_size = tuple(views.shape[-2:])
+        elif config.lesion_feature_mode == "crop":
+            raise ValueError("`lesion_feature_mode='crop'` crops the images: pass `pixel_values`, not features.")
+        else:
+            reduction = self.visual_extractor.backbone.feature_info[-1]["reduction"]  # e.g. 32 for ResNets
+            views, image_size = None, (side * reduction, side * reduction)  # cached features of square images
+        lesion_embeddings = self.lesion_encoder(
+            lesion_boxes.flatten(0, 1).to(feature_maps.dtype),  # (B*V, K, 4)
+            lesion_box_mask.flatten(0, 1),  # (B*V, K)
+            image_size=image_size,
+            feature_map=feature_maps,  # (B*V, C, h, w)
+            pixel_values=views,
+        )  # (B*V, K, d_model)
+        return lesion_embeddings.reshape(batch_size, -1, config.d_model), lesion_box_mask.reshape(batch_size, -1)
 
     def fuse_prior_study(
         self, u: torch.Tensor, prior_pixel_values: torch.Tensor, has_prior: torch.Tensor | None
@@ -833,30 +516,8 @@ class CdanEncoder(CdanPreTrainedModel):
         return self.temporal_fusion(u, scatter_rows(prior_u, has_prior), has_prior)  # (B, N, d)
 
     def check_pixel_values(self, pixel_values: torch.Tensor | None, name: str = "pixel_values") -> torch.Tensor:
-        """Raise a clear `ValueError` for inputs the extractor cannot take, instead of a shape error deep in torch."""
-        if pixel_values is None:
-            raise ValueError(f"`{name}` is required: pass the processed images of a study.")
-        if pixel_values.ndim == 4 and self.config.num_views == 1:
-            pixel_values = pixel_values.unsqueeze(1)
-        if pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
-            raise ValueError(
-                f"`{name}` must have shape (batch, views, 3, height, width); got "
-                f"{tuple(pixel_values.shape)}. Use CdanImageProcessor to prepare images."
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError(f"`{name}` is an empty batch.")
-        if pixel_values.shape[1] != self.config.num_views:
-            raise ValueError(
-                f"This model reads {self.config.num_views} view(s) per study but `{name}` has "
-                f"{pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})."
-            )
-        if not torch.isfinite(pixel_values).all():
-            studies = (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero().flatten().tolist()
-            raise ValueError(
-                f"`{name}` of studies {studies} hold NaN or infinite values; CdanImageProcessor never writes "
-                "them, so check how these inputs were made."
-            )
-        return pixel_values
+        """Raise a clear `ValueError` for inputs the extractor cannot take (see [`check_study_pixel_values`])."""
+        return check_study_pixel_values(pixel_values, self.config.num_views, name)
 
     @can_return_tuple
     def forward(
@@ -869,6 +530,8 @@ class CdanEncoder(CdanPreTrainedModel):
         context_attention_mask: torch.LongTensor | None = None,
         prior_pixel_values: torch.FloatTensor | None = None,
         has_prior: torch.BoolTensor | None = None,
+        lesion_boxes: torch.FloatTensor | None = None,
+        lesion_box_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> CdanEncoderOutput:
         r"""
@@ -889,8 +552,15 @@ class CdanEncoder(CdanPreTrainedModel):
             With `use_prior_study`: the prior study's views (any values in rows without a prior).
         has_prior (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
             Which studies have a prior; all when `prior_pixel_values` is given without it.
+        lesion_boxes (`torch.FloatTensor` of shape `(batch_size, num_views, max_lesion_boxes, 4)`, *optional*):
+            With `use_lesion_branch`: detector boxes in pixels of the processed views (`CdanProcessor(boxes=...)`);
+            a study without boxes reads no lesion token.
+        lesion_box_mask (`torch.BoolTensor` of shape `(batch_size, num_views, max_lesion_boxes)`, *optional*):
+            `True` for real boxes.
         """
         output_attentions = bool(output_attentions)
+        if lesion_boxes is not None and self.lesion_encoder is None:
+            raise ValueError("This model has no lesion branch (`use_lesion_branch=False`); drop `lesion_boxes`.")
         if context_input_ids is not None and self.context_encoder is None:
             raise ValueError("This model reads no clinical context (`use_clinical_context=False`); drop the context.")
         if prior_pixel_values is not None and self.temporal_fusion is None:
@@ -924,14 +594,23 @@ class CdanEncoder(CdanPreTrainedModel):
             )  # (B, T, d_model), (B, T)
             context_latents = self.context_perceiver(context_states, context_mask)  # PriorRG's ctx, (B, M, d_model)
             u_s = torch.cat([u_s, context_latents], dim=1)  # (B, 2N + k + M, d_model)
+        memory_mask = lesion_embeddings = lesion_mask = None
+        if self.lesion_encoder is not None:  # D2R-Net's lesion tokens, after every other stream
+            lesion_embeddings, lesion_mask = self.encode_lesions(
+                visual_features, pixel_values, lesion_boxes, lesion_box_mask
+            )  # (B, V*K, d_model), (B, V*K)
+            lesion_tokens = self.lesion_norm(lesion_embeddings) + self.lesion_type_embedding.weight[0]
+            memory_mask = torch.cat([lesion_mask.new_ones(u_s.shape[:2]), lesion_mask], dim=1)
+            u_s = torch.cat([u_s, lesion_tokens.to(u_s.dtype)], dim=1)  # (B, 2N + k (+ M) + V*K, d_model)
 
         hidden_states = u_s + sinusoidal_positions(u_s.shape[1], u_s.shape[2], u_s.device, u_s.dtype)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        attention_mask = None if memory_mask is None else key_padding_mask(memory_mask, hidden_states.dtype)
         all_hidden_states = () if output_hidden_states else None
         for encoder_layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = encoder_layer(hidden_states)
+            hidden_states = encoder_layer(hidden_states, attention_mask=attention_mask)
         hidden_states = self.layer_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -943,6 +622,10 @@ class CdanEncoder(CdanPreTrainedModel):
             pooled_semantic_states=pooled_semantic_states,
             positive_attentions=positive_weights,
             negative_attentions=negative_weights,
+            memory_mask=memory_mask,
+            patch_embeddings=u if self.config.use_lesion_alignment else None,
+            lesion_embeddings=lesion_embeddings,
+            lesion_mask=lesion_mask,
         )
 
 
@@ -990,9 +673,13 @@ class CdanDecoder(CdanPreTrainedModel):
         output_hidden_states: bool | None = None,
         diagnosis_states: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
+        encoder_attention_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
         r"""
+        encoder_attention_mask (`torch.BoolTensor` of shape `(num_studies, memory_length)`, *optional*):
+            `True` for the memory tokens to attend to (padded lesion tokens are `False`); `num_studies` may divide
+            the batch (the beams of a study share its memory).
         output_attentions (`bool`, *optional*):
             Return the cross-attention weights of every layer in `cross_attentions`, each of shape
             `(batch_size, num_heads, target_length, memory_length)` (report tokens only: no diagnosis-prompt rows).
@@ -1039,6 +726,9 @@ class CdanDecoder(CdanPreTrainedModel):
         )
 
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        memory_attention_mask = None
+        if encoder_attention_mask is not None and not encoder_attention_mask.all():
+            memory_attention_mask = key_padding_mask(encoder_attention_mask, hidden_states.dtype)  # (B_s, 1, 1, S)
         all_hidden_states = () if output_hidden_states else None
         all_cross_attentions = () if output_attentions else None
         for decoder_layer in self.layers:
@@ -1051,6 +741,7 @@ class CdanDecoder(CdanPreTrainedModel):
                 cache=cache,
                 use_cache=use_cache,
                 output_attentions=bool(output_attentions),
+                encoder_attention_mask=memory_attention_mask,
             )
             if output_attentions:
                 hidden_states, cross_weights = layer_outputs  # (B, H, O + T, S) with a prompt read, else (B, H, T, S)
@@ -1070,7 +761,6 @@ class CdanDecoder(CdanPreTrainedModel):
             decoder_hidden_states=all_hidden_states,
             cross_attentions=all_cross_attentions,
         )
-
 
     def diagnosis_prompt_embeddings(self, diagnosis_states: torch.LongTensor | None, batch_size: int) -> torch.Tensor:
         """The prompt vectors of `diagnosis_states`, repeated over the beams (or samples) of each study."""
@@ -1125,6 +815,8 @@ class CdanModel(CdanPreTrainedModel):
         context_attention_mask: torch.LongTensor | None = None,
         prior_pixel_values: torch.FloatTensor | None = None,
         has_prior: torch.BoolTensor | None = None,
+        lesion_boxes: torch.FloatTensor | None = None,
+        lesion_box_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqModelOutput:
         if encoder_outputs is None:
@@ -1137,6 +829,8 @@ class CdanModel(CdanPreTrainedModel):
                 context_attention_mask=context_attention_mask,
                 prior_pixel_values=prior_pixel_values,
                 has_prior=has_prior,
+                lesion_boxes=lesion_boxes,
+                lesion_box_mask=lesion_box_mask,
                 return_dict=True,
             )
         elif not isinstance(encoder_outputs, CdanEncoderOutput):
@@ -1148,7 +842,9 @@ class CdanModel(CdanPreTrainedModel):
                 keep = torch.rand(memory.shape[0], device=memory.device) >= self.config.diagnosis_prompt_memory_dropout
                 memory = memory * keep[:, None, None].to(memory.dtype)  # dropped studies read the prompt alone
         elif diagnosis_states is not None:
-            raise ValueError("This model has no diagnosis prompt (`use_diagnosis_prompt=False`); drop diagnosis_states.")
+            raise ValueError(
+                "This model has no diagnosis prompt (`use_diagnosis_prompt=False`); drop diagnosis_states."
+            )
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -1159,6 +855,7 @@ class CdanModel(CdanPreTrainedModel):
             output_hidden_states=output_hidden_states,
             diagnosis_states=diagnosis_states,
             output_attentions=output_attentions,
+            encoder_attention_mask=encoder_outputs.memory_mask,
             return_dict=True,
         )
         return CdanSeq2SeqModelOutput(
@@ -1173,6 +870,9 @@ class CdanModel(CdanPreTrainedModel):
             positive_attentions=encoder_outputs.positive_attentions,
             negative_attentions=encoder_outputs.negative_attentions,
             diagnosis_states=diagnosis_states,
+            patch_embeddings=encoder_outputs.patch_embeddings,
+            lesion_embeddings=encoder_outputs.lesion_embeddings,
+            lesion_mask=encoder_outputs.lesion_mask,
         )
 
     def diagnosis_prompt_states(
@@ -1201,7 +901,7 @@ class CdanModel(CdanPreTrainedModel):
         return torch.where(use_prediction, predicted, reference_states)
 
 
-class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
+class CdanForConditionalGeneration(SharedMemoryGenerationMixin, CdanPreTrainedModel, GenerationMixin):
     """
     CDAN with its language-model head: chest X-ray views in, findings report out.
 
@@ -1222,6 +922,7 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+    per_study_generation_inputs = ("encoder_outputs", "diagnosis_states")  # one diagnosis prompt per study
 
     def __init__(self, config: CdanConfig):
         super().__init__(config)
@@ -1230,6 +931,12 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         self.semantic_projection = (
             nn.Linear(config.d_model, config.semantic_dim) if config.use_semantic_consistency else None
         )
+        self.alignment = None
+        if config.use_lesion_alignment:  # D2R-Net's alignment blocks (d2r_modules), not in the CDAN paper
+            self.alignment = ImageTextAlignment.from_text_config(
+                config.alignment_text_config, config.d_model, freeze_text_model=config.freeze_alignment_text_model,
+                margin=config.alignment_margin, smoothing=config.alignment_smoothing,
+            )  # fmt: skip
         self.loss_type = "ForMaskedLM"  # labels are already aligned with the right-shifted decoder inputs
         if config.tie_word_embeddings:  # the tied head is not saved; loaders should not report it missing
             self._keys_to_ignore_on_save = ["lm_head.weight"]
@@ -1294,68 +1001,6 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> CdanDecoder:
         return self.model.decoder
 
-    def _expand_inputs_for_generation(
-        self,
-        expand_size: int = 1,
-        is_encoder_decoder: bool = False,
-        input_ids: torch.LongTensor | None = None,
-        **model_kwargs,
-    ) -> tuple[torch.LongTensor, dict]:
-        """
-        Expand the decoder inputs over beams (or returned sequences), but keep one copy of the encoder memory `u_s`
-        per study. The cross-attention groups the queries of a study's beams (see `CdanAttention.forward`), so the
-        memory's keys and values are projected, cached and read once per study instead of once per beam.
-        """
-        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
-        diagnosis_states = model_kwargs.pop("diagnosis_states", None)  # one prompt per study, as the memory
-        if is_encoder_decoder and encoder_outputs is None:
-            raise ValueError("`generate()` needs `encoder_outputs` here; pass `pixel_values` or `visual_features`.")
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
-        if encoder_outputs is not None:
-            model_kwargs["encoder_outputs"] = encoder_outputs
-        if diagnosis_states is not None:
-            model_kwargs["diagnosis_states"] = diagnosis_states
-        return input_ids, model_kwargs
-
-    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs: dict):
-        """Stock checks, plus a positive whole `num_beams` and `num_return_sequences` before anything runs."""
-        for name in ("num_beams", "num_return_sequences"):
-            value = getattr(generation_config, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"`{name}` must be a positive integer, got {value!r}; use `num_beams=1` for greedy search or more "
-                    "for beam search, and `num_return_sequences` at most `num_beams`."
-                )
-        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
-
-    def _validate_generated_length(self, generation_config, input_ids_length: int, has_default_max_length: bool):
-        """
-        Stock checks, plus: no requested length may need more decoder positions than `max_position_embeddings`. A
-        report of `n` tokens (the decoder start token included) feeds `n - 1` of them to the decoder, so the longest
-        possible report has `max_position_embeddings + 1` tokens. Runs after the encoder, before the first decoding
-        step.
-        """
-        longest = self.config.max_position_embeddings + 1
-        config = generation_config
-        requested = []  # (argument, value given, report length in tokens it asks for)
-        if config.max_new_tokens is not None:
-            requested.append(("max_new_tokens", config.max_new_tokens, config.max_new_tokens + input_ids_length))
-        elif not has_default_max_length:  # a default `max_length` is already capped at `max_position_embeddings`
-            requested.append(("max_length", config.max_length, config.max_length))
-        if config.min_new_tokens is not None:
-            requested.append(("min_new_tokens", config.min_new_tokens, config.min_new_tokens + input_ids_length))
-        elif config.min_length is not None:
-            requested.append(("min_length", config.min_length, config.min_length))
-        too_long = [f"`{name}`={value} ({length} tokens)" for name, value, length in requested if length > longest]
-        if too_long:
-            raise ValueError(
-                f"{' and '.join(too_long)} would need more decoder positions than the model has: "
-                f"`max_position_embeddings`={self.config.max_position_embeddings} allows reports of at most "
-                f"{longest} tokens, {input_ids_length} decoder start token(s) included (`max_new_tokens` at most "
-                f"{longest - input_ids_length}). Lower the value(s) or use a model with more positions."
-            )
-        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
-
     def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
         """
         Beam search only moves hypotheses between the beams of one study, which share the encoder memory: reorder the
@@ -1387,6 +1032,12 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
         context_attention_mask: torch.LongTensor | None = None,
         prior_pixel_values: torch.FloatTensor | None = None,
         has_prior: torch.BoolTensor | None = None,
+        lesion_boxes: torch.FloatTensor | None = None,
+        lesion_box_mask: torch.BoolTensor | None = None,
+        report_text_input_ids: torch.LongTensor | None = None,
+        report_text_attention_mask: torch.LongTensor | None = None,
+        sentence_input_ids: torch.LongTensor | None = None,
+        sentence_attention_mask: torch.LongTensor | None = None,
         **kwargs,
     ) -> CdanSeq2SeqLMOutput:
         r"""
@@ -1414,6 +1065,12 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             `generate()` they replace them. Without them the prompt is the classifier's decision.
         context_input_ids, context_attention_mask, prior_pixel_values, has_prior:
             PriorRG's inputs, for models with `use_clinical_context` / `use_prior_study` (see [`CdanEncoder.forward`]).
+        lesion_boxes, lesion_box_mask:
+            D2R-Net's boxes, for models with `use_lesion_branch` (see [`CdanEncoder.forward`]).
+        report_text_input_ids, report_text_attention_mask, sentence_input_ids, sentence_attention_mask:
+            Training only, with `use_lesion_alignment`: the reference report `(batch_size, length)` and its sentences
+            `(batch_size, sentences, length)` tokenised for the alignment text encoder; they give GAB's and LAB's
+            losses (see [`D2RNetForConditionalGeneration.forward`]).
         kwargs:
             `num_items_in_batch` from the Trainer, so the loss is correct under gradient accumulation, and
             `return_dict=False` for a tuple instead of a [`CdanSeq2SeqLMOutput`].
@@ -1439,15 +1096,26 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             context_attention_mask=context_attention_mask,
             prior_pixel_values=prior_pixel_values,
             has_prior=has_prior,
+            lesion_boxes=lesion_boxes,
+            lesion_box_mask=lesion_box_mask,
             return_dict=True,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # Eq. (21): p(w_t | w_<t, u_s), (B, T, vocab_size)
 
-        loss = visual_semantics = None
+        loss = visual_semantics = global_alignment_loss = local_alignment_loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)  # Eq. (3): L_text
             if self.semantic_projection is not None:
                 visual_semantics = self.semantic_projection(outputs.pooled_semantic_states)  # Eq. (18) input, (B, S)
+        if self.alignment is not None and labels is not None:  # D2R-Net's GAB and LAB, not in the CDAN paper
+            global_alignment_loss, local_alignment_loss = self.alignment.losses(
+                outputs.patch_embeddings, outputs.lesion_embeddings, outputs.lesion_mask, report_text_input_ids,
+                report_text_attention_mask, sentence_input_ids, sentence_attention_mask,
+            )  # fmt: skip
+        elif report_text_input_ids is not None or sentence_input_ids is not None:
+            raise ValueError(
+                "This model has no alignment blocks (`use_lesion_alignment=False`); drop the text inputs."
+            )
 
         return CdanSeq2SeqLMOutput(
             loss=loss,
@@ -1462,6 +1130,10 @@ class CdanForConditionalGeneration(CdanPreTrainedModel, GenerationMixin):
             positive_attentions=outputs.positive_attentions,
             negative_attentions=outputs.negative_attentions,
             diagnosis_states=outputs.diagnosis_states,
+            global_alignment_loss=global_alignment_loss,
+            local_alignment_loss=local_alignment_loss,
+            lesion_embeddings=outputs.lesion_embeddings,
+            lesion_mask=outputs.lesion_mask,
         )
 
 
@@ -1469,16 +1141,15 @@ CdanModel.register_for_auto_class("AutoModel")
 CdanForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
-    "CdanEncoder",
-    "CdanEncoderOutput",
     "CdanDecoder",
     "CdanDiagnosisPrompt",
+    "CdanEncoder",
+    "CdanEncoderOutput",
     "CdanForConditionalGeneration",
     "CdanModel",
     "CdanPreTrainedModel",
     "CdanReverseAttention",
     "CdanSeq2SeqLMOutput",
     "CdanSeq2SeqModelOutput",
-    "CdanVisualExtractor",
     "diagnosis_states_from_logits",
 ]

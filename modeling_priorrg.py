@@ -148,6 +148,8 @@ class PriorRGPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PerceiverResamplerLayer", "TemporalFusionLayer"]
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
+    has_disease_classifier = False
+    """PriorRG has no CheXpert observation classifier: its reports come without the model's own labels."""
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)

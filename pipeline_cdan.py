@@ -11,10 +11,14 @@ needs a prompt). CDAN checkpoints therefore carry their own pipeline: [`CdanRepo
 [{'generated_text': 'the heart is normal in size . ...'}]
 >>> reporter(("frontal.png", "lateral.png"))         # one study given as several views (a tuple)
 >>> reporter(["a.png", ("b_pa.png", "b_lat.png")])   # a batch: one result list per study
+>>> reporter({"images": ["pa.png", "lat.png"], "boxes": [[[30, 40, 120, 160]], []]}, return_grounding=True)
+[{'generated_text': '...', 'grounding': [{'sentence': '...', 'boxes': [{'view': 0, 'index': 0, ...}]}, ...]}]
 ```
+(the last one for D2R-Net, or CDAN with the lesion alignment: each sentence scored on the study's lesion boxes).
 
 References: the custom-pipeline mechanism of `transformers.pipelines` (`PIPELINE_REGISTRY`, `custom_pipelines` in
-`config.json`), and `huggingface_hub` model cards.
+`config.json`), `huggingface_hub` model cards, and D2R-Net's sentence-to-box grounding (Tang et al., J Imaging
+Inform Med 2025; see `d2r_modules`).
 """
 
 import os
@@ -33,7 +37,8 @@ from transformers.utils import logging
 
 try:
     from .configuration_cdan import DIAGNOSIS_STATES
-    from .consistency_cdan import align_reports_with_classifier
+    from .consistency_cdan import align_reports_with_classifier, split_sentences
+    from .d2r_modules import alignment_text_inputs
     from .heatmaps_cdan import (
         feature_grid,
         group_sentences,
@@ -44,7 +49,8 @@ try:
     from .inference_cdan import optimize_for_inference
 except ImportError:
     from configuration_cdan import DIAGNOSIS_STATES
-    from consistency_cdan import align_reports_with_classifier
+    from consistency_cdan import align_reports_with_classifier, split_sentences
+    from d2r_modules import alignment_text_inputs
     from heatmaps_cdan import (
         feature_grid,
         group_sentences,
@@ -65,6 +71,8 @@ PIPELINE_MODULE_FILES = (
     "configuration_cdan.py",
     "modeling_cdan.py",
     "priorrg_modules.py",
+    "d2r_modules.py",
+    "layers_cdan.py",
 )
 """The pipeline's remote code and the modules it imports that a saved model does not already carry (a PriorRG
 checkpoint carries none of CDAN's)."""
@@ -75,19 +83,30 @@ bound as `pyproject.toml`'s dependency."""
 
 STUDY_KEYS = ("images", "views")
 
-STUDY_DETAIL_KEYS = ("view_positions", "indication", "history", "prior")
+STUDY_DETAIL_KEYS = ("view_positions", "indication", "history", "prior", "boxes")
 """Other entries of a study dict: `{"images": [...], "view_positions": [...], "indication": "...", "history": "...",
-"prior": {"images": [...], "view_positions": [...]}}`; each is read by the models that take it (PriorRG, or CDAN
-with `use_clinical_context` / `use_prior_study`)."""
+"prior": {"images": [...], "view_positions": [...]}, "boxes": [[box, ...] per view]}`; each is read by the models that
+take it (PriorRG, CDAN with `use_clinical_context` / `use_prior_study` / `use_lesion_branch`, D2R-Net). Boxes are in
+pixels of the given images, in any form `CdanProcessor(boxes=...)` accepts (`[x_min, y_min, x_max, y_max]`, a
+`BOX_FEATURES` dict or a `LesionBox`)."""
+
+GROUNDING_INPUTS = ("grounding_boxes", "grounding_box_positions")
+"""What `preprocess` adds for `return_grounding`: per row of `lesion_boxes` its cleaned box in pixels of the given
+image (float64 `(1, V*K, 4)`) and its `(given view, index in that view's box list)` (`(1, V*K, 2)`, -1 for padding).
+They never reach the model."""
 
 
 def reads_study_details(config) -> dict[str, bool]:
-    """Which study details a model reads: view positions, clinical context (indication, history), prior study."""
+    """
+    Which study details a model reads: view positions, clinical context (indication, history), prior study, lesion
+    boxes (D2R-Net, or CDAN with `use_lesion_branch`).
+    """
     is_priorrg = config.model_type == "priorrg"
     return {
         "view_positions": is_priorrg,
         "context": is_priorrg or getattr(config, "use_clinical_context", False),
         "prior": is_priorrg or getattr(config, "use_prior_study", False),
+        "boxes": getattr(config, "use_lesion_branch", False),
     }
 
 
@@ -140,6 +159,17 @@ class CdanReportPipeline(Pipeline):
     precision="int8")`), prepare the model for faster inference with [`~inference_cdan.optimize_for_inference`]
     (in place): bfloat16 autocast (refused with `ValueError` on a CPU without AVX512-BF16 or AMX), dynamic int8
     linear layers, and a compiled visual extractor. Reports may differ slightly from float32 ones.
+
+    `return_grounding=True`, at construction or per call, grounds each sentence of the report on the study's lesion
+    boxes (D2R-Net, or CDAN with `use_lesion_alignment`: models with an `alignment`; others raise `ValueError`). The
+    study must be a dict with `boxes` (one list per given view, in pixels of the given image). Each result gets
+    `"grounding"`: per sentence (`consistency_cdan.split_sentences` of the report) `{"sentence": str, "boxes":
+    [{"view": int, "index": int, "box": [x_min, y_min, x_max, y_max], "score": float}, ...]}`, best score first, with
+    `view` the given image, `index` the box's position in that view's list, and `box` in pixels of the given image
+    (clipped to it when it crossed its border). Boxes the processor dropped (invalid, or past `max_lesion_boxes`) are
+    not listed. The scores are [`~d2r_modules.ImageTextAlignment.ground`]'s distribution over the real boxes; a view
+    given once and repeated to fill the study has its boxes' two rows summed. The report is the same as without the
+    option.
     """
 
     _load_processor = True
@@ -160,6 +190,7 @@ class CdanReportPipeline(Pipeline):
         return_labels: bool | None = None,
         ban_anonymisation_token: bool | None = None,
         return_attention_maps: bool | None = None,
+        return_grounding: bool | None = None,
         **generation_parameters,
     ):
         preprocess_params = {} if on_degenerate_image is None else {"on_degenerate_image": on_degenerate_image}
@@ -187,7 +218,25 @@ class CdanReportPipeline(Pipeline):
                 )
             forward_params["return_attention_maps"] = bool(return_attention_maps)
             postprocess_params["return_attention_maps"] = bool(return_attention_maps)
+        if return_grounding is not None:
+            if return_grounding:
+                self.check_grounding_model()
+            for params in (preprocess_params, forward_params, postprocess_params):
+                params["return_grounding"] = bool(return_grounding)
         return preprocess_params, forward_params, postprocess_params
+
+    def check_grounding_model(self) -> None:
+        """Raise `ValueError` unless the model can ground sentences on boxes (an `alignment` and its tokenizer)."""
+        if getattr(self.model, "alignment", None) is None or not reads_study_details(self.model.config)["boxes"]:
+            raise ValueError(
+                "`return_grounding=True` needs a model with lesion boxes and image-text alignment (D2R-Net with "
+                "`use_alignment`, or CDAN with `use_lesion_branch` and `use_lesion_alignment`); this one has none."
+            )
+        if getattr(self.processor, "context_tokenizer", None) is None:
+            raise ValueError(
+                "`return_grounding=True` tokenises the sentences with the processor's `context_tokenizer` (the "
+                "alignment text encoder's), and this processor has none."
+            )
 
     def __call__(self, inputs: Any = None, **kwargs) -> list:
         if inputs is None or (isinstance(inputs, (list, tuple, dict)) and len(inputs) == 0):
@@ -234,12 +283,21 @@ class CdanReportPipeline(Pipeline):
             prior_views = self.study_views(prior) if prior else None
             arguments["prior_images"] = [prior_views or None]
             arguments["prior_view_positions"] = [prior.get("view_positions") if isinstance(prior, dict) else None]
+        if reads["boxes"]:  # a study without boxes gets all-padding rows, so that batches stack
+            arguments["boxes"] = [details.get("boxes") or None]
         return arguments
 
-    def preprocess(self, study: Any, on_degenerate_image: str | None = None) -> dict[str, torch.Tensor]:
+    def preprocess(
+        self, study: Any, on_degenerate_image: str | None = None, return_grounding: bool = False
+    ) -> dict[str, torch.Tensor]:
         views = self.study_views(study)
         if not views:
             raise ValueError("A study with no image was given.")
+        if return_grounding and not (isinstance(study, dict) and study.get("boxes")):
+            raise ValueError(
+                "`return_grounding=True` grounds the report on the study's lesion boxes: give the study as a dict "
+                '`{"images": [...], "boxes": [[x_min, y_min, x_max, y_max], ...] per view}` (pixels of each image).'
+            )
         inputs = self.processor(
             images=[views], return_tensors="pt", on_degenerate_image=on_degenerate_image, **self.study_details(study)
         )
@@ -251,7 +309,39 @@ class CdanReportPipeline(Pipeline):
             if key in model_inputs:
                 padding = self.processor.max_context_length - model_inputs[key].shape[1]
                 model_inputs[key] = nn.functional.pad(model_inputs[key], (0, padding), value=0)
+        if return_grounding:
+            model_inputs.update(self.grounding_box_inputs(views, study["boxes"], model_inputs["lesion_box_mask"][0]))
         return model_inputs
+
+    def grounding_box_inputs(
+        self, views: list, boxes: list, lesion_box_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """
+        The [`GROUNDING_INPUTS`] of one study: what each row of its `lesion_boxes` is in the study as given (see
+        [`CdanImageProcessor.lesion_box_rows`]), flattened to the model's `V*K` lesion order.
+
+        Args:
+            views (`list`): the study's views as given.
+            boxes (`list`): the study's `boxes` entry (one list per given view).
+            lesion_box_mask (`torch.Tensor` of shape `(num_views, max_lesion_boxes)`): the processor's real rows.
+        """
+        rows = self.processor.image_processor.lesion_box_rows(views, boxes, self.processor.max_lesion_boxes)
+        num_views, max_boxes = lesion_box_mask.shape
+        given_boxes = torch.zeros(num_views, max_boxes, 4, dtype=torch.float64)  # (V, K, 4)
+        positions = torch.full((num_views, max_boxes, 2), -1, dtype=torch.long)  # (V, K, 2)
+        for view_index, view_rows in enumerate(rows):
+            if len(view_rows) != int(lesion_box_mask[view_index].sum()):
+                raise RuntimeError(
+                    f"View {view_index} has {int(lesion_box_mask[view_index].sum())} lesion rows but "
+                    f"{len(view_rows)} cleaned boxes; the processor's box order cannot be recovered."
+                )
+            for row, (given_view, box_index, box) in enumerate(view_rows):
+                given_boxes[view_index, row] = torch.tensor(box.xyxy, dtype=torch.float64)
+                positions[view_index, row] = torch.tensor([given_view, box_index])
+        return {
+            "grounding_boxes": given_boxes.flatten(0, 1)[None],  # (1, V*K, 4)
+            "grounding_box_positions": positions.flatten(0, 1)[None],  # (1, V*K, 2)
+        }
 
     def anonymisation_suppress_tokens(self, generate_kwargs: dict) -> list[int]:
         """
@@ -277,7 +367,9 @@ class CdanReportPipeline(Pipeline):
         return_labels: bool = False,
         ban_anonymisation_token: bool = False,
         return_attention_maps: bool = False,
+        return_grounding: bool = False,
     ) -> dict:
+        grounding_inputs = {key: model_inputs.pop(key) for key in GROUNDING_INPUTS if key in model_inputs}
         generate_kwargs = generate_kwargs or {}
         overrides = {}
         if ban_anonymisation_token and (suppress_tokens := self.anonymisation_suppress_tokens(generate_kwargs)):
@@ -285,12 +377,91 @@ class CdanReportPipeline(Pipeline):
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs, **overrides)
         if return_attention_maps:
             return self.forward_with_attention_maps(model_inputs["pixel_values"], generate_kwargs)
-        if not return_labels and not getattr(self.model.config, "observation_sentences", None):
+        if not (return_labels or return_grounding or getattr(self.model.config, "observation_sentences", None)):
             return {"generated_ids": self.model.generate(**model_inputs, **generate_kwargs)}
-        # Encode the image once: the disease logits come from the encoder, whose output `generate` then decodes
+        # Encode the image once: the disease logits and the lesion features come from the encoder, whose output
+        # `generate` then decodes
         encoder_outputs = self.model.get_encoder()(**model_inputs)
         generated_ids = self.model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
-        return {"generated_ids": generated_ids, "disease_logits": encoder_outputs.disease_logits}
+        outputs = {"generated_ids": generated_ids}
+        if getattr(encoder_outputs, "disease_logits", None) is not None:
+            outputs["disease_logits"] = encoder_outputs.disease_logits
+        if return_grounding:
+            sequences_per_study = len(generated_ids) // len(encoder_outputs.lesion_embeddings)
+            reports = self.decode_reports(generated_ids, outputs.get("disease_logits"))
+            outputs["grounding_scores"] = self.ground_sentences(reports, encoder_outputs, sequences_per_study)
+            for key, value in grounding_inputs.items():  # one row per generated report, as `generated_ids`
+                outputs[key] = value.repeat_interleave(sequences_per_study, dim=0)
+        return outputs
+
+    @torch.no_grad()
+    def ground_report(self, study: dict, report: str) -> list[dict[str, Any]]:
+        """
+        The grounding of a given report (a reference, say) on one study's boxes, in the pipeline's `"grounding"`
+        format: the study is encoded as for `return_grounding`, and the report's sentences are scored instead of a
+        generated report's.
+
+        Args:
+            study (`dict`): `{"images": [...], "boxes": [...], ...}`, as the pipeline takes it.
+            report (`str`): a cleaned report (its sentences are `consistency_cdan.split_sentences`).
+        """
+        self.check_grounding_model()
+        model_inputs = self.preprocess(study, return_grounding=True)
+        grounding_inputs = {key: model_inputs.pop(key)[0] for key in GROUNDING_INPUTS}
+        encoder_outputs = self.model.get_encoder()(**self._ensure_tensor_on_device(model_inputs, self.device))
+        scores = self.ground_sentences([report], encoder_outputs, sequences_per_study=1)[0].cpu()  # (S, V*K)
+        boxes, positions = (grounding_inputs[key] for key in GROUNDING_INPUTS)
+        return sentence_grounding(split_sentences(report), scores, boxes, positions)
+
+    def decode_reports(self, generated_ids: torch.Tensor, disease_logits: torch.Tensor | None = None) -> list[str]:
+        """
+        The reports as the pipeline returns them: decoded, then, for a model with `observation_sentences`, edited to
+        agree with its classifier.
+
+        Args:
+            generated_ids (`torch.LongTensor` of shape `(num_reports, length)`): `generate`'s output.
+            disease_logits (`torch.Tensor` of shape `(num_studies, num_observations)`, *optional*): the classifier's
+                logits; several reports of one study follow each other.
+        """
+        reports = self.processor.batch_decode(generated_ids, skip_special_tokens=True)
+        config = self.model.config
+        if disease_logits is None or not getattr(config, "observation_sentences", None):
+            return reports
+        decisions = self.model.diagnosis_decisions(disease_logits.float().cpu()).tolist()
+        sequences_per_study = len(reports) // len(decisions)
+        study_decisions = [decisions[index // sequences_per_study] for index in range(len(reports))]
+        return align_reports_with_classifier(
+            reports, study_decisions, config.observation_names, config.observation_sentences
+        )
+
+    def ground_sentences(self, reports: list[str], encoder_outputs: Any, sequences_per_study: int) -> torch.Tensor:
+        """
+        Each report's sentences (`split_sentences`) scored on its study's lesion rows by `model.alignment.ground`.
+
+        Args:
+            reports (`list[str]`): the reports, `sequences_per_study` per study in order.
+            encoder_outputs: the encoder output, with `lesion_embeddings` `(B, V*K, E)` and `lesion_mask` `(B, V*K)`.
+            sequences_per_study (`int`): reports per study.
+
+        Returns:
+            `torch.Tensor` of shape `(num_reports, S, V*K)`: `S` the most sentences of a report; a report's rows past
+            its sentence count are 0.
+        """
+        num_sentences = max(1, *(len(split_sentences(report)) for report in reports))
+        text_inputs = alignment_text_inputs(self.processor.context_tokenizer, reports, max_sentences=num_sentences)
+        device = encoder_outputs.lesion_embeddings.device
+        scores = []
+        for index in range(len(reports)):
+            study = index // sequences_per_study
+            scores.append(
+                self.model.alignment.ground(
+                    encoder_outputs.lesion_embeddings[study],
+                    encoder_outputs.lesion_mask[study],
+                    text_inputs["sentence_input_ids"][index].to(device),
+                    text_inputs["sentence_attention_mask"][index].to(device),
+                )
+            )  # (S, V*K)
+        return torch.stack(scores).float()  # (N, S, V*K)
 
     def forward_with_attention_maps(self, pixel_values: torch.Tensor, generate_kwargs: dict) -> dict:
         """
@@ -315,20 +486,20 @@ class CdanReportPipeline(Pipeline):
         }
 
     def postprocess(
-        self, model_outputs: dict, return_labels: bool = False, return_attention_maps: bool = False
+        self,
+        model_outputs: dict,
+        return_labels: bool = False,
+        return_attention_maps: bool = False,
+        return_grounding: bool = False,
     ) -> list[dict]:
-        reports = self.processor.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
+        # Reports edited to agree with the classifier when the model has `observation_sentences` (an option)
+        reports = self.decode_reports(model_outputs["generated_ids"], model_outputs.get("disease_logits"))
         if "disease_logits" in model_outputs:
             config = self.model.config
             disease_logits = model_outputs["disease_logits"].float().cpu()
             decisions = self.model.diagnosis_decisions(disease_logits).tolist()  # what a diagnosis prompt reads
             # One encoder row per study; with several returned sequences each study has several reports
             sequences_per_study = len(reports) // len(disease_logits)
-            if config.observation_sentences:  # reports edited to agree with the classifier (an option)
-                study_decisions = [decisions[index // sequences_per_study] for index in range(len(reports))]
-                reports = align_reports_with_classifier(
-                    reports, study_decisions, config.observation_names, config.observation_sentences
-                )
         results = [{"generated_text": report} for report in reports]
         if return_labels:
             for index, result in enumerate(results):
@@ -349,6 +520,14 @@ class CdanReportPipeline(Pipeline):
                         {"sentence": item["sentence"], "maps": list(item["maps"])} for item in sentences[index]
                     ],
                 }
+        if return_grounding:
+            for index, result in enumerate(results):
+                result["grounding"] = sentence_grounding(
+                    split_sentences(result["generated_text"]),
+                    model_outputs["grounding_scores"][index],
+                    model_outputs["grounding_boxes"][index],
+                    model_outputs["grounding_box_positions"][index],
+                )
         return results
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
@@ -397,8 +576,40 @@ class CdanReportPipeline(Pipeline):
             )
 
 
+def sentence_grounding(
+    sentences: list[str], scores: torch.Tensor, boxes: torch.Tensor, positions: torch.Tensor
+) -> list[dict[str, Any]]:
+    """
+    The `"grounding"` of one report (see [`CdanReportPipeline`]): per sentence its boxes in the study as given, best
+    score first.
+
+    Args:
+        sentences (`list[str]`): the report's sentences.
+        scores (`torch.Tensor` of shape `(S, V*K)`): their grounding scores on the lesion rows (`S >= len(sentences)`).
+        boxes (`torch.Tensor` of shape `(V*K, 4)`): each row's box in pixels of its given image.
+        positions (`torch.Tensor` of shape `(V*K, 2)`): each row's `(given view, index)`, -1 for padding rows.
+
+    Returns:
+        `list[dict]`: `{"sentence": str, "boxes": [{"view", "index", "box", "score"}, ...]}` per sentence. Rows of one
+        given box (a view repeated to fill the study) are one entry with their scores summed.
+    """
+    real_rows = (positions[:, 0] >= 0).nonzero().flatten().tolist()
+    grounding = []
+    for sentence, sentence_scores in zip(sentences, scores.tolist()):
+        entries: dict[tuple[int, int], dict[str, Any]] = {}
+        for row in real_rows:
+            view, index = positions[row].tolist()
+            entry = entries.setdefault(
+                (view, index), {"view": view, "index": index, "box": boxes[row].tolist(), "score": 0.0}
+            )
+            entry["score"] += sentence_scores[row]
+        ranked = sorted(entries.values(), key=lambda entry: (-entry["score"], entry["view"], entry["index"]))
+        grounding.append({"sentence": sentence, "boxes": ranked})
+    return grounding
+
+
 def model_card_architecture(config, input_size: str) -> tuple[str, str]:
-    """The title and the architecture paragraph of a model card, for a CDAN or a PriorRG configuration."""
+    """The title and the architecture paragraph of a model card, for a CDAN, PriorRG or D2R-Net configuration."""
     if config.model_type == "priorrg":
         title = "PriorRG chest X-ray report generator"
         return title, f"""\
@@ -410,6 +621,19 @@ model: its reports are drafts for a radiologist to check, not diagnoses.
   {config.vision_config.hidden_size}); text encoder: `{config.text_config.model_type}`
   ({config.text_config.num_hidden_layers} layers); {config.num_latents} Perceiver latents; decoder:
   `{config.decoder_config.model_type}` ({config.decoder_config.num_hidden_layers} layers)"""
+    if config.model_type == "d2r_net":
+        title = "D2R-Net chest X-ray report generator"
+        lesion_branch = f"RoIAlign/{config.lesion_feature_mode}" if config.use_lesion_branch else "off"
+        return title, f"""\
+D2R-Net (Tang et al., J Imaging Inform Med 2025) writes a draft *findings* section from {config.num_views} chest X-ray
+view(s) per study{input_size} and the lesion boxes a detector found on them, and can ground each sentence on the
+boxes. It is a research model: its reports are drafts for a radiologist to check, not diagnoses.
+
+- Visual extractor: `{config.visual_extractor}` with channel-prior convolutional attention; lesion branch:
+  {lesion_branch}, up to {config.max_lesion_boxes} boxes per view; alignment blocks (GAB, LAB):
+  {config.use_alignment}
+- Memory-driven decoder (R2Gen): d_model {config.d_model}, {config.encoder_layers} encoder and
+  {config.decoder_layers} decoder layers, {config.relational_memory_slots} memory slots"""
     ablation = {
         (False, False): "BASE",
         (True, False): "+RA",
@@ -536,6 +760,7 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "GROUNDING_INPUTS",
     "PIPELINE_MODULE_FILES",
     "STUDY_DETAIL_KEYS",
     "CdanReportPipeline",
@@ -544,5 +769,6 @@ __all__ = [
     "reads_study_details",
     "register_pipeline_in_config",
     "save_checkpoint",
+    "sentence_grounding",
     "write_pipeline_files",
 ]

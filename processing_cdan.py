@@ -19,7 +19,8 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -466,6 +467,134 @@ def describe_image(image: ImageInput) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Lesion boxes (D2R-Net): per view, in pixels of the given image, moved with every geometric transform
+# --------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_LESION_BOXES = 10
+"""Default `max_lesion_boxes`: the rows per view of `lesion_boxes` (the highest-scoring boxes are kept)."""
+
+
+def import_box_tools():
+    """
+    The `data_cdan.boxes` module ([`LesionBox`], [`clean_boxes`]), imported on first use so that processors without
+    boxes never load `datasets`. Remote code copied into a checkpoint has no `data_cdan`, hence the clear error.
+    """
+    try:
+        from data_cdan import boxes as box_tools
+    except ImportError as error:
+        raise ImportError(
+            "Lesion boxes need the CDAN library's `data_cdan` package (install the repository with `pip install -e .`)"
+            f"; it cannot be imported: {error}"
+        ) from error
+    return box_tools
+
+
+def as_lesion_box(value: Any, position: str):
+    """
+    One box given to the processor as a `data_cdan.boxes.LesionBox`.
+
+    Args:
+        value (`LesionBox`, `dict` or 4 numbers): a `LesionBox`, a [`BOX_FEATURES`] dict (`x_min`, `y_min`, `x_max`,
+            `y_max`, `label`, `score`, `source`), or `[x_min, y_min, x_max, y_max]` (label `""`, score 1.0).
+        position (`str`): where the box is, for error messages (e.g. "study 0, view 1, box 2").
+
+    Raises:
+        `ValueError`: any other structure, such as a dict missing a field or a list of 3 numbers.
+    """
+    box_tools = import_box_tools()
+    if isinstance(value, box_tools.LesionBox):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return box_tools.LesionBox.from_row(value)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"The box at {position} is a dict but not a BOX_FEATURES row (x_min, y_min, x_max, y_max, label, "
+                f"score, source): {type(error).__name__}: {error}."
+            ) from error
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != 4 or not all(box_tools._is_number(coordinate) for coordinate in value):
+            raise ValueError(
+                f"The box at {position} is {value!r}; a box given as a list must be 4 numbers "
+                "[x_min, y_min, x_max, y_max] in pixels of its image."
+            )
+        return box_tools.LesionBox(*(float(coordinate) for coordinate in value), label="")
+    raise ValueError(
+        f"The box at {position} is a {type(value).__name__}; give a LesionBox, a BOX_FEATURES dict or "
+        "[x_min, y_min, x_max, y_max]."
+    )
+
+
+def given_view_counts(images: Any) -> list[int]:
+    """How many views each study of `images` was given with (before a single view is repeated)."""
+    if is_single_image(images):
+        return [1]
+    return [len(study) if isinstance(study, (list, tuple)) else 1 for study in images]
+
+
+def check_lesion_boxes(boxes: Any, view_counts: Sequence[int]) -> list[list[list] | None]:
+    """
+    The `boxes` argument checked against the studies' view counts and converted: per study `None` or, per given view,
+    a list of `LesionBox` (a view given as `None` has none).
+
+    Raises:
+        `TypeError` / `ValueError`: `boxes` is not one item per study, a study's list does not have one entry per
+            given view, or a box has the wrong structure (see [`as_lesion_box`]).
+    """
+    studies = check_per_study_list("boxes", boxes, len(view_counts))
+    converted = []
+    for study_index, (study, view_count) in enumerate(zip(studies, view_counts)):
+        if study is None:
+            converted.append(None)
+            continue
+        if isinstance(study, (str, bytes, Mapping)) or not isinstance(study, Sequence):
+            raise ValueError(
+                f"`boxes` of study {study_index} must be None or a list with one entry per view, got "
+                f"{type(study).__name__}."
+            )
+        if len(study) != view_count:
+            raise ValueError(
+                f"`boxes` of study {study_index} has {len(study)} entries but the study was given {view_count} "
+                "view(s); give one entry (a list of boxes, or None) per view."
+            )
+        views = []
+        for view_index, view_boxes in enumerate(study):
+            if view_boxes is None:
+                views.append([])
+                continue
+            if isinstance(view_boxes, (str, bytes, Mapping)) or not isinstance(view_boxes, Sequence):
+                raise ValueError(
+                    f"`boxes` of study {study_index}, view {view_index} must be None or a list of boxes, got "
+                    f"{type(view_boxes).__name__}."
+                )
+            views.append(
+                [
+                    as_lesion_box(box, f"study {study_index}, view {view_index}, box {box_index}")
+                    for box_index, box in enumerate(view_boxes)
+                ]
+            )
+        converted.append(views)
+    return converted
+
+
+def check_max_lesion_boxes(max_lesion_boxes: Any) -> int:
+    """`max_lesion_boxes` as a positive `int`; raises `ValueError` otherwise."""
+    is_integer = isinstance(max_lesion_boxes, (int, np.integer)) and not isinstance(max_lesion_boxes, bool)
+    if not is_integer or max_lesion_boxes < 1:
+        raise ValueError(f"`max_lesion_boxes` must be a positive integer, got {max_lesion_boxes!r}.")
+    return int(max_lesion_boxes)
+
+
+def loaded_image_size(image: PIL.Image.Image | tv_tensors.Image) -> tuple[int, int]:
+    """`(width, height)` of a view as [`CdanImageProcessor.load_view`] returns it (PIL image or `(3, H, W)` tensor)."""
+    if isinstance(image, PIL.Image.Image):
+        return image.size
+    return int(image.shape[-1]), int(image.shape[-2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Image processor
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -671,10 +800,12 @@ class CdanImageProcessor(BaseImageProcessor):
         return_tensors: str | None = "pt",
         do_augment: bool = False,
         on_degenerate_image: str | None = None,
+        boxes: Sequence[Sequence[Sequence[Any] | None] | None] | None = None,
+        max_lesion_boxes: int = DEFAULT_MAX_LESION_BOXES,
         **kwargs,
     ) -> BatchFeature:
         """
-        Load, resize and normalise a batch of studies.
+        Load, resize and normalise a batch of studies, and move their lesion boxes with them.
 
         Args:
             images (image, or `list` of images / of lists of images):
@@ -686,9 +817,17 @@ class CdanImageProcessor(BaseImageProcessor):
                 Use the random [`~CdanImageProcessor.train_transform`] instead of the deterministic resize.
             on_degenerate_image (`str`, *optional*):
                 `"warn"` or `"error"`: overrides the processor's `on_degenerate_image` for this call.
+            boxes (`list`, *optional*):
+                Per study, `None` or one entry per view it was given with, each `None` or a list of lesion boxes in
+                pixels of that input image (see [`CdanProcessor.__call__`] for the accepted forms, the cleaning and
+                the warning).
+            max_lesion_boxes (`int`, *optional*, defaults to 10):
+                `K`, the most boxes kept per view (the highest scores).
 
         Returns:
-            [`BatchFeature`]: `pixel_values`, float32 of shape `(batch, num_views, 3, image_size, image_size)`.
+            [`BatchFeature`]: `pixel_values`, float32 of shape `(batch, num_views, 3, image_size, image_size)`, and
+            when `boxes` is given `lesion_boxes`, float32 `(batch, num_views, K, 4)` (xyxy in pixels of the
+            processed view, padding rows 0), and `lesion_box_mask`, bool `(batch, num_views, K)`.
         """
         if kwargs:
             raise TypeError(f"Unexpected keyword argument(s) for CdanImageProcessor.preprocess: {sorted(kwargs)}.")
@@ -696,18 +835,146 @@ class CdanImageProcessor(BaseImageProcessor):
         action = self.on_degenerate_image if on_degenerate_image is None else on_degenerate_image
         check_degenerate_image_action(action)
         studies = self.group_into_studies(images)
+        study_boxes = None
+        if boxes is not None:
+            max_lesion_boxes = check_max_lesion_boxes(max_lesion_boxes)
+            study_boxes = check_lesion_boxes(boxes, given_view_counts(images))
         transform = self.train_transform() if do_augment else self.eval_transform()
         study_tensors = []
+        num_box_rows = max_lesion_boxes if boxes is not None else 0
+        box_rows = torch.zeros(len(studies), self.num_views, num_box_rows, 4)  # (B, V, K, 4)
+        box_mask = torch.zeros(box_rows.shape[:-1], dtype=torch.bool)  # (B, V, K)
+        cleaning_reports = {}
         for study_index, views in enumerate(studies):
             loaded: dict[int, PIL.Image.Image] = {}  # a single view repeated to fill the study is read once
             for view_index, view in enumerate(views):
                 if id(view) not in loaded:
                     loaded[id(view)] = self.load_view(view, f"study {study_index}, view {view_index}", action)
-            study_tensors.append(torch.stack([transform(loaded[id(view)]) for view in views]))
-        pixel_values = torch.stack(study_tensors)
+            if study_boxes is None or study_boxes[study_index] is None:
+                study_tensors.append(torch.stack([transform(loaded[id(view)]) for view in views]))
+                continue
+            view_boxes, cleaning_reports[study_index] = self.clean_study_boxes(
+                study_boxes[study_index], [loaded[id(view)] for view in views], max_lesion_boxes
+            )
+            view_tensors = []
+            for view_index, view in enumerate(views):
+                pixels, moved = self.transform_with_boxes(transform, loaded[id(view)], view_boxes[view_index])
+                view_tensors.append(pixels)
+                box_rows[study_index, view_index, : len(moved)] = moved
+                box_mask[study_index, view_index, : len(moved)] = True
+            study_tensors.append(torch.stack(view_tensors))
+        data = {"pixel_values": torch.stack(study_tensors)}
+        if boxes is not None:
+            self.warn_about_cleaned_boxes(cleaning_reports, max_lesion_boxes)
+            data.update(lesion_boxes=box_rows, lesion_box_mask=box_mask)
         if tensor_type == "np":
-            pixel_values = pixel_values.numpy()
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=tensor_type)
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=tensor_type)
+
+    def clean_study_boxes(
+        self, given_boxes: list[list], views: list[PIL.Image.Image | tv_tensors.Image], max_lesion_boxes: int
+    ) -> tuple[list[list], Any]:
+        """
+        `clean_boxes(..., max_boxes=max_lesion_boxes)` of each view a study was given with, on that view's input size;
+        a study given as one image (repeated to `num_views`) gets its boxes repeated.
+
+        Args:
+            given_boxes (`list[list[LesionBox]]`): per given view, its boxes.
+            views (`list`): the study's loaded views after repetition (`num_views` of them).
+            max_lesion_boxes (`int`): the most boxes kept per view.
+
+        Returns:
+            `(boxes per view, BoxCleaningReport)`: `num_views` lists of kept boxes, and the counts of the given views.
+        """
+        box_tools = import_box_tools()
+        report = box_tools.BoxCleaningReport()
+        kept_per_view = []
+        for view_boxes, image in zip(given_boxes, views):
+            width, height = loaded_image_size(image)
+            kept, view_report = box_tools.clean_boxes(view_boxes, width, height, max_boxes=max_lesion_boxes)
+            kept_per_view.append(kept)
+            report += view_report
+        if len(kept_per_view) == 1 and len(views) > 1:
+            kept_per_view = kept_per_view * len(views)
+        return kept_per_view, report
+
+    def lesion_box_rows(
+        self, views: Sequence[ImageInput], boxes: Sequence[Sequence[Any] | None], max_lesion_boxes: int
+    ) -> list[list[tuple[int, int, Any]]]:
+        """
+        What each row of one study's `lesion_boxes` is in the study as it was given, for the deterministic transform
+        (which keeps every cleaned box, so row `k` of a view is its `k`-th kept box): the cleaning is the very
+        `clean_study_boxes` call of [`~CdanImageProcessor.preprocess`], on boxes tagged with their position.
+
+        Args:
+            views (`Sequence`): the study's views as given (before a single view is repeated).
+            boxes (`Sequence`): one entry per given view, `None` or a list of boxes in pixels of that view (any form
+                [`CdanProcessor.__call__`] accepts).
+            max_lesion_boxes (`int`): `K`, the most boxes kept per view.
+
+        Returns:
+            `list[list[tuple[int, int, LesionBox]]]`: per processed view (`num_views`), one
+            `(given view, index in that view's box list, cleaned box in pixels of the given image)` per row, in row
+            order. A clipped box has its clipped corners.
+        """
+        (given_boxes,) = check_lesion_boxes([boxes], [len(views)])
+        (study,) = self.group_into_studies([list(views)])
+        loaded = [self.load_view(view, f"view {index}", self.on_degenerate_image) for index, view in enumerate(study)]
+        # The label carries "view:index" through the cleaning (which never reads labels), then gets its value back
+        tagged = [
+            [replace(box, label=f"{view_index}:{box_index}") for box_index, box in enumerate(view_boxes)]
+            for view_index, view_boxes in enumerate(given_boxes)
+        ]
+        kept_per_view, _ = self.clean_study_boxes(tagged, loaded, max_lesion_boxes)
+        rows = []
+        for kept in kept_per_view:
+            positions = [tuple(int(part) for part in box.label.split(":")) for box in kept]
+            rows.append([
+                (view_index, box_index, replace(box, label=given_boxes[view_index][box_index].label))
+                for (view_index, box_index), box in zip(positions, kept)
+            ])  # fmt: skip
+        return rows
+
+    @staticmethod
+    def transform_with_boxes(
+        transform: v2.Compose, image: PIL.Image.Image | tv_tensors.Image, boxes: Sequence[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Apply `transform` to a view and its boxes in ONE call, so that both see the same random draw (crop, affine,
+        flip). Boxes are clipped to the processed view; those left without area (moved out of it by augmentation)
+        are dropped.
+
+        Args:
+            transform (`v2.Compose`): [`~CdanImageProcessor.eval_transform`] or
+                [`~CdanImageProcessor.train_transform`].
+            image (`PIL.Image.Image` or `tv_tensors.Image`): the loaded view.
+            boxes (`Sequence[LesionBox]`): its cleaned boxes, in pixels of `image`.
+
+        Returns:
+            `(pixels, boxes)`: the view `(3, H, W)` and its kept boxes `(N, 4)`, xyxy in pixels of the view.
+        """
+        width, height = loaded_image_size(image)
+        coordinates = torch.tensor([box.xyxy for box in boxes], dtype=torch.float32).reshape(-1, 4)  # (N, 4)
+        bounding_boxes = tv_tensors.BoundingBoxes(coordinates, format="XYXY", canvas_size=(height, width))
+        pixels, moved = transform(image, bounding_boxes)
+        moved = moved.as_subclass(torch.Tensor)  # (N, 4)
+        out_height, out_width = pixels.shape[-2:]
+        moved = torch.minimum(moved.clamp(min=0), moved.new_tensor([out_width, out_height, out_width, out_height]))
+        has_area = (moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1])  # (N,)
+        return pixels, moved[has_area]
+
+    @staticmethod
+    def warn_about_cleaned_boxes(cleaning_reports: dict[int, Any], max_lesion_boxes: int) -> None:
+        """One warning for the call when cleaning dropped or clipped boxes: the summed counts and the studies."""
+        changed = {index: report for index, report in cleaning_reports.items() if report.dropped or report.clipped}
+        if not changed:
+            return
+        total = sum(changed.values(), start=import_box_tools().BoxCleaningReport())
+        logger.warning(
+            f"Lesion boxes of studies {sorted(changed)} were cleaned ({total}): boxes with non-finite, inverted or "
+            "equal corners or outside their image are dropped, boxes crossing its border are clipped, and at most "
+            f"max_lesion_boxes={max_lesion_boxes} per view are kept (the highest scores)."
+        )
 
     @staticmethod
     def load_view(view: ImageInput, position: str, on_degenerate_image: str) -> PIL.Image.Image | tv_tensors.Image:
@@ -884,6 +1151,8 @@ class CdanProcessor(ProcessorMixin):
             cannot take `indication` or `history`.
         max_context_length (`int`, *optional*, defaults to 128):
             Maximum context length in tokens, `[CLS]` and `[SEP]` included.
+        max_lesion_boxes (`int`, *optional*, defaults to 10):
+            `K`, the rows per view of `lesion_boxes` when `__call__` is given `boxes` (the highest scores are kept).
     """
 
     OPTIONAL_COMPONENTS = ("context_tokenizer",)
@@ -897,6 +1166,7 @@ class CdanProcessor(ProcessorMixin):
         max_length: int = 60,
         context_tokenizer: PreTrainedTokenizerBase | None = None,
         max_context_length: int = DEFAULT_MAX_CONTEXT_LENGTH,
+        max_lesion_boxes: int = DEFAULT_MAX_LESION_BOXES,
     ):
         get_report_cleaner(report_cleaner)
         if max_length < 1:
@@ -912,6 +1182,7 @@ class CdanProcessor(ProcessorMixin):
         self.report_cleaner = report_cleaner
         self.max_length = int(max_length)
         self.max_context_length = int(max_context_length)
+        self.max_lesion_boxes = check_max_lesion_boxes(max_lesion_boxes)
         self.context_tokenizer = None if context_tokenizer is None else add_context_section_tags(context_tokenizer)
         super().__init__(image_processor, tokenizer)
 
@@ -963,6 +1234,7 @@ class CdanProcessor(ProcessorMixin):
         max_length: int = 60,
         context_tokenizer: PreTrainedTokenizerBase | None = None,
         max_context_length: int = DEFAULT_MAX_CONTEXT_LENGTH,
+        max_lesion_boxes: int = DEFAULT_MAX_LESION_BOXES,
         **image_processor_kwargs,
     ) -> "CdanProcessor":
         """
@@ -979,6 +1251,7 @@ class CdanProcessor(ProcessorMixin):
             context_tokenizer ([`PreTrainedTokenizerBase`], *optional*): the clinical-context tokenizer (see
                 [`build_context_tokenizer`]), for PriorRG.
             max_context_length (`int`, *optional*, defaults to 128): maximum context length in tokens.
+            max_lesion_boxes (`int`, *optional*, defaults to 10): lesion boxes per view in `lesion_boxes`.
             image_processor_kwargs: arguments of [`CdanImageProcessor`] (`image_size`, `num_views`, ...).
 
         Returns:
@@ -998,6 +1271,7 @@ class CdanProcessor(ProcessorMixin):
             max_length=max_length,
             context_tokenizer=context_tokenizer,
             max_context_length=max_context_length,
+            max_lesion_boxes=max_lesion_boxes,
         )
 
     @classmethod
@@ -1013,7 +1287,7 @@ class CdanProcessor(ProcessorMixin):
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): the folder or Hub repository id.
             kwargs: Hub arguments (`revision`, `subfolder`, `cache_dir`, `token`, `local_files_only`, ...) and
-                overrides of the processor's own arguments (`report_cleaner`, `max_length`).
+                overrides of the processor's own arguments (`report_cleaner`, `max_length`, `max_lesion_boxes`).
 
         Raises:
             `ValueError`: a local folder lacks the tokenizer files (`tokenizer.json`, `tokenizer_config.json`).
@@ -1086,9 +1360,12 @@ class CdanProcessor(ProcessorMixin):
         prior_images: Sequence[Any] | None = None,
         prior_view_positions: Sequence[Sequence[str | None] | None] | None = None,
         max_context_length: int | None = None,
+        boxes: Sequence[Sequence[Sequence[Any] | None] | None] | None = None,
+        max_lesion_boxes: int | None = None,
     ) -> BatchFeature:
         """
-        Prepare studies and/or reports for the model, and for PriorRG the studies' views, context and prior study.
+        Prepare studies and/or reports for the model, for PriorRG the studies' views, context and prior study, and for
+        D2R-Net the views' lesion boxes.
 
         Args:
             images (image, or `list` of images / of lists of images, *optional*):
@@ -1119,6 +1396,24 @@ class CdanProcessor(ProcessorMixin):
                 Per study, its prior's view positions, as `view_positions`; `None` for a study without a prior.
             max_context_length (`int`, *optional*):
                 Overrides the processor's `max_context_length` for this call.
+            boxes (`list`, *optional*):
+                Per study, `None` (no box) or a list with one entry per view the study was GIVEN with (one entry for
+                a study given as one image; it is repeated with the image), each entry `None` or a list of lesion
+                boxes in pixels of THAT input image as given (before any resize): a `data_cdan.boxes.LesionBox`, a
+                `BOX_FEATURES` dict (`x_min`, `y_min`, `x_max`, `y_max`, `label`, `score`, `source`) or
+                `[x_min, y_min, x_max, y_max]`. Needs `images`. Each view's boxes are first cleaned on the input
+                image's size by `data_cdan.boxes.clean_boxes(..., max_boxes=max_lesion_boxes)`: boxes with NaN or
+                infinite values, inverted or equal corners, or outside the image are dropped, boxes crossing its
+                border are clipped, and only the `max_lesion_boxes` highest-scoring boxes are kept. When any box
+                is dropped or clipped, ONE warning per call gives the summed `BoxCleaningReport` and the indices of
+                the studies concerned. The boxes then go through the same `torchvision.transforms.v2` call as their
+                view (as `tv_tensors.BoundingBoxes`), so they follow the resize and, with `do_augment`, the same
+                random shorter-side resize, crop, affine transform and flip; a box that augmentation moves out of
+                the view is dropped, one that crosses its border is clipped to it. A wrong structure (not one item
+                per study, not one entry per given view, a box that is not 4 numbers or a full dict) raises
+                `ValueError` before any image is read.
+            max_lesion_boxes (`int`, *optional*):
+                Overrides the processor's `max_lesion_boxes` (`K`) for this call.
 
         Returns:
             [`BatchFeature`] with, for a batch of `B` studies of `V = num_views` views:
@@ -1133,7 +1428,10 @@ class CdanProcessor(ProcessorMixin):
               context has an all-zero mask row;
             - `prior_pixel_values`: float32 `(B, V, 3, H, W)`, zeros for studies without a prior, `has_prior`: bool
               `(B,)` and `prior_view_position_ids`: int64 `(B, V)` (unknown for studies without a prior), when
-              `prior_images` is given.
+              `prior_images` is given;
+            - `lesion_boxes`: float32 `(B, V, K, 4)`, `x_min, y_min, x_max, y_max` in pixels of the processed view in
+              `pixel_values` (`image_size` x `image_size`), padding rows 0, and `lesion_box_mask`: bool `(B, V, K)`,
+              True for real boxes, `K = max_lesion_boxes`, when `boxes` is given.
         """
         if images is None and text is None and indication is None and history is None:
             raise ValueError(
@@ -1143,15 +1441,27 @@ class CdanProcessor(ProcessorMixin):
             view_positions is not None or prior_images is not None or prior_view_positions is not None
         ):
             raise ValueError("`view_positions`, `prior_images` and `prior_view_positions` need the studies' `images`.")
+        if images is None and boxes is not None:
+            raise ValueError("`boxes` needs the studies' `images` (boxes are in pixels of their images).")
         if prior_images is None and prior_view_positions is not None:
             raise ValueError("`prior_view_positions` was given without `prior_images`.")
         tensor_type = check_return_tensors(return_tensors)
         data: dict[str, Any] = {}
         num_studies = None
         if images is not None:
+            box_kwargs = {}
+            if boxes is not None:
+                box_kwargs = {
+                    "boxes": boxes,
+                    "max_lesion_boxes": self.max_lesion_boxes if max_lesion_boxes is None else max_lesion_boxes,
+                }
             data.update(
                 self.image_processor(
-                    images, return_tensors="pt", do_augment=do_augment, on_degenerate_image=on_degenerate_image
+                    images,
+                    return_tensors="pt",
+                    do_augment=do_augment,
+                    on_degenerate_image=on_degenerate_image,
+                    **box_kwargs,
                 )
             )
             num_studies = len(data["pixel_values"])
@@ -1405,6 +1715,7 @@ __all__ = [
     "ANONYMISATION_MARK",
     "CONTEXT_TOKENIZER_FOLDER",
     "DEFAULT_MAX_CONTEXT_LENGTH",
+    "DEFAULT_MAX_LESION_BOXES",
     "REPORT_CLEANERS",
     "CdanImageProcessor",
     "CdanProcessor",

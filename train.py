@@ -48,6 +48,7 @@ from transformers import AutoConfig, EvalPrediction, HfArgumentParser, Seq2SeqTr
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_cdan import CHEXPERT_OBSERVATIONS, MODEL_SIZES, CdanConfig
+from configuration_d2r import D2R_SIZES, D2RNetConfig
 from configuration_priorrg import CXR_BERT, PRIORRG_SIZES, PRIORRG_STAGES, RAD_DINO, PriorRGConfig
 from consistency_cdan import build_observation_sentences
 from data_cdan import load_cdan_dataset
@@ -60,6 +61,7 @@ from evaluation_cdan import (
     score_reports,
 )
 from modeling_cdan import CdanForConditionalGeneration
+from modeling_d2r import D2RNetForConditionalGeneration
 from modeling_priorrg import PriorRGForConditionalGeneration
 from pipeline_cdan import register_pipeline_in_config, save_checkpoint
 from processing_cdan import CdanProcessor, build_context_tokenizer
@@ -79,6 +81,9 @@ from trainer_cdan import (
 from trainer_priorrg import ContrastivePretrainingCollator, PriorRGPretrainer, PriorRGTrainer, add_report_section_tag
 
 logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("cdan", "priorrg", "d2r_net")
+"""The report models `--model_type` trains; all share the processor, the data, the trainer and the evaluation."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
@@ -131,6 +136,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "metric_for_best_model": "CE macro-F1",
         "learning_rate": 5e-4,
         "visual_extractor_learning_rate": 2e-4,
+        "dataloader_num_workers": 1,
+        "seed": 9223,
+    },
+    "d2r_demo": {
+        "dataset_name": "demo",
+        "model_type": "d2r_net",
+        "d2r_size": "demo",
+        "visual_extractor": "resnet10t",
+        "visual_extractor_pretrained": False,
+        "visual_warmup_epochs": 6,  # the demo's stand-in for ImageNet weights, as in the CDAN demo
+        "context_text_encoder": "offline-minilm",
+        "image_size": 128,
+        "vocabulary_threshold": 3,
+        "max_length": 60,
+        "num_views": 2,
+        "output_dir": "outputs/d2r_demo",
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 32,
+        "num_train_epochs": 8,
+        "eval_strategy": "steps",  # validate (beam 3) and save every 1.6 epochs: a fifth of the run
+        "eval_steps": 0.2,
+        "save_strategy": "steps",
+        "save_steps": 0.2,
+        "metric_for_best_model": "CE macro-F1",
+        "learning_rate": 1e-3,  # the paper's 1e-4 is for 30 MIMIC-CXR epochs; the demo has 352 steps (see README)
+        "visual_extractor_learning_rate": 1e-3,
+        "lr_scheduler_type": "cosine",
         "dataloader_num_workers": 1,
         "seed": 9223,
     },
@@ -211,7 +243,8 @@ class ModelArguments:
     )
     visual_extractor: str = field(default="resnet101", metadata={"help": "Any timm CNN name."})
     visual_extractor_pretrained: bool = field(
-        default=True, metadata={"help": "Start the extractor from ImageNet weights (Hub or --visual_extractor_weights)."}
+        default=True,
+        metadata={"help": "Start the extractor from ImageNet weights (Hub or --visual_extractor_weights)."},
     )
     visual_extractor_weights: str | None = field(
         default=None, metadata={"help": "Local ImageNet weights file for the extractor (offline machines)."}
@@ -260,8 +293,9 @@ class ModelArguments:
     visual_warmup_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the warm-up."})
     model_type: str = field(
         default="cdan",
-        metadata={"help": "'cdan' or 'priorrg' (PriorRG: clinical context, prior study, coarse-to-fine decoding)."},
-    )
+        metadata={"help": "'cdan', 'priorrg' (PriorRG: clinical context, prior study, coarse-to-fine decoding) or "
+                  "'d2r_net' (D2R-Net: lesion boxes, global/local image-text alignment, memory-driven decoder)."},
+    )  # fmt: skip
     stage: str = field(
         default="finetune",
         metadata={"help": "PriorRG's stage: 'pretrain' (prior-guided contrastive pre-training, scored by retrieval "
@@ -291,6 +325,22 @@ class ModelArguments:
     priorrg_size: str = field(
         default="published", metadata={"help": f"PriorRG's size: one of {sorted(PRIORRG_SIZES)}."}
     )
+    d2r_size: str = field(default="published", metadata={"help": f"D2R-Net's size: one of {sorted(D2R_SIZES)}."})
+    lesion_branch: bool = field(
+        default=False,
+        metadata={"help": "CDAN: read the rows' lesion boxes through D2R-Net's lesion branch "
+                  "(CdanConfig.use_lesion_branch). Not in the CDAN paper."},
+    )  # fmt: skip
+    lesion_alignment: bool = field(
+        default=False,
+        metadata={"help": "CDAN with --lesion_branch: add D2R-Net's global and local alignment losses (GAB, LAB), "
+                  "with --context_text_encoder as the text encoder (CdanConfig.use_lesion_alignment)."},
+    )  # fmt: skip
+    lesion_feature_mode: str = field(
+        default="roi_align",
+        metadata={"help": "How the lesion branch reads a box: 'roi_align' (RoIAlign on the CNN's feature map) or "
+                  "'crop' (D2R-Net's crop of the image, encoded by its small CNN)."},
+    )  # fmt: skip
 
 
 @dataclass
@@ -307,6 +357,11 @@ class DataArguments:
     max_length: int = field(default=60, metadata={"help": "Longest report in tokens, <eos> included."})
     num_views: int = field(default=2, metadata={"help": "Views per study (2 for IU X-Ray, 1 for MIMIC-CXR)."})
     augment: bool = field(default=True, metadata={"help": "Random crop/affine augmentation of training images."})
+    boxes_file: str | None = field(
+        default=None,
+        metadata={"help": "IU X-Ray / MIMIC-CXR: a detector's JSON-lines box file (scripts/predict_boxes.py), read "
+                  "into the rows' `boxes` column for D2R-Net or --lesion_branch. The demo has true boxes."},
+    )  # fmt: skip
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation split."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate the test split."})
@@ -318,6 +373,10 @@ class CdanTrainingArguments(Seq2SeqTrainingArguments):
 
     lambda_mlc: float = field(default=1.0, metadata={"help": "Weight of the multi-label BCE term."})
     lambda_sc: float = field(default=1.0, metadata={"help": "Weight of the semantic-consistency MSE term."})
+    lambda_alignment: float = field(
+        default=1.0,
+        metadata={"help": "Weight of D2R-Net's alignment terms, GAB and LAB (D2R-Net and --lesion_branch)."},
+    )
     uncertain_label_as: int = field(default=1, metadata={"help": "BCE target of UNCERTAIN labels (1 or 0)."})
     visual_extractor_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the extractor."})
     lr_decay_epochs: float = field(
@@ -356,14 +415,23 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.max_length
-    if model_args.model_type not in ("cdan", "priorrg"):
-        raise ValueError(f"--model_type must be 'cdan' or 'priorrg', got {model_args.model_type!r}.")
+    if model_args.model_type not in MODEL_TYPES:
+        raise ValueError(f"--model_type must be one of {MODEL_TYPES}, got {model_args.model_type!r}.")
     if model_args.stage not in PRIORRG_STAGES:
         raise ValueError(f"--stage must be one of {PRIORRG_STAGES}, got {model_args.stage!r}.")
     if model_args.stage == "pretrain" and model_args.model_type != "priorrg":
         raise ValueError("--stage pretrain is PriorRG's contrastive pre-training: add --model_type priorrg.")
     if model_args.priorrg_size not in PRIORRG_SIZES:
         raise ValueError(f"--priorrg_size must be one of {sorted(PRIORRG_SIZES)}, got {model_args.priorrg_size!r}.")
+    if model_args.d2r_size not in D2R_SIZES:
+        raise ValueError(f"--d2r_size must be one of {sorted(D2R_SIZES)}, got {model_args.d2r_size!r}.")
+    if model_args.lesion_alignment and not model_args.lesion_branch:
+        raise ValueError("--lesion_alignment matches sentences with lesion tokens: add --lesion_branch.")
+    if (model_args.lesion_branch or model_args.model_type == "d2r_net") and model_args.cache_visual_features:
+        raise ValueError(
+            "Lesion boxes follow each view's augmentation, which cached visual features skip: add "
+            "--cache_visual_features False (the demo preset caches them)."
+        )
     if training_args.no_repeat_ngram_size is not None and training_args.no_repeat_ngram_size < 0:
         raise ValueError(f"--no_repeat_ngram_size must be 0 (off) or more, got {training_args.no_repeat_ngram_size}.")
     return model_args, data_args, training_args
@@ -436,6 +504,13 @@ def build_cdan_model(
             config.use_clinical_context = True
             config.context_text_config = context_text_config_from(context_text_encoder)
         config.use_prior_study = config.use_prior_study or model_args.prior_study
+        if model_args.lesion_branch:
+            config.use_lesion_branch = True
+            config.max_lesion_boxes = processor.max_lesion_boxes
+            config.lesion_feature_mode = model_args.lesion_feature_mode
+        if model_args.lesion_alignment:
+            config.use_lesion_alignment = True
+            config.alignment_text_config = context_text_config_from(context_text_encoder)
         config.validate_architecture()
     if config.use_semantic_consistency:
         embedder = ReportEmbedder(model_args.text_encoder)
@@ -451,6 +526,9 @@ def build_cdan_model(
         model = CdanForConditionalGeneration(config)
     if config.use_clinical_context and not model_args.model_name_or_path:
         model.load_context_text_model(context_text_encoder, num_tokens=len(processor.context_tokenizer))
+    if config.use_lesion_alignment and not model_args.model_name_or_path:
+        model.alignment.load_text_model(context_text_encoder, num_tokens=len(processor.context_tokenizer))
+        config.alignment_text_config = {**config.alignment_text_config, "vocab_size": len(processor.context_tokenizer)}
     return model, config
 
 
@@ -478,6 +556,39 @@ def build_priorrg_model(
     )
     model.resize_text_embeddings(context_vocab_size)
     return model, model.config
+
+
+def build_d2r_model(
+    model_args: ModelArguments, data_args: DataArguments, processor: CdanProcessor, text_encoder: str
+) -> tuple[D2RNetForConditionalGeneration, D2RNetConfig]:
+    """
+    The D2R-Net model to train: the checkpoint of `--model_name_or_path`, or a new one of `--d2r_size` with
+    `--visual_extractor` (ImageNet weights with `--visual_extractor_pretrained`) and the BERT-family text encoder
+    `text_encoder` (`--context_text_encoder`) of its alignment blocks; `--config_overrides` applies to a new one.
+    """
+    if model_args.model_name_or_path:
+        model = D2RNetForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        return model, model.config
+    config = D2RNetConfig(
+        **D2R_SIZES[model_args.d2r_size],
+        visual_extractor=model_args.visual_extractor,
+        visual_extractor_weights=model_args.visual_extractor_weights,
+        num_views=data_args.num_views,
+        vocab_size=len(processor.tokenizer),
+        max_lesion_boxes=processor.max_lesion_boxes,
+        lesion_feature_mode=model_args.lesion_feature_mode,
+        alignment_text_config=context_text_config_from(text_encoder),
+    )
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+        config.validate_architecture()
+    model = D2RNetForConditionalGeneration(config)
+    if model_args.visual_extractor_pretrained:
+        model.encoder.visual_extractor.load_pretrained_weights(config.visual_extractor_weights)
+    if config.use_alignment:
+        model.alignment.load_text_model(text_encoder, num_tokens=len(processor.context_tokenizer))
+        config.alignment_text_config = {**config.alignment_text_config, "vocab_size": len(processor.context_tokenizer)}
+    return model, config
 
 
 def finish_contrastive_pretraining(
@@ -553,7 +664,7 @@ def set_observation_thresholds(
     observation, see `calibrate_observation_thresholds`) and return them; `None`, and nothing changed, for a model
     without the reverse-attention classifier or an empty validation split.
     """
-    if not getattr(model.config, "use_reverse_attention", False) or len(validation) == 0:
+    if not model.has_disease_classifier or len(validation) == 0:
         return None
     logits, targets = collect_disease_logits(model, validation, data_collator, batch_size)
     model.config.observation_thresholds = calibrate_observation_thresholds(logits, targets)
@@ -590,6 +701,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Data
     dataset_options = {"max_images": data_args.num_views} if data_args.dataset_name == "iu_xray" else {}
+    if data_args.boxes_file:
+        if data_args.dataset_name == "demo":
+            raise ValueError("The demo data set has true lesion boxes; --boxes_file is for IU X-Ray and MIMIC-CXR.")
+        dataset_options["boxes_file"] = os.path.abspath(data_args.boxes_file)
     raw = load_cdan_dataset(
         data_args.dataset_name, data_dir=data_args.data_dir, cache_dir=data_args.dataset_cache_dir, **dataset_options
     )
@@ -599,9 +714,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
 
     # Processor: the vocabulary comes from the training reports (or from the checkpoint being fine-tuned)
-    is_priorrg = model_args.model_type == "priorrg"
+    is_priorrg, is_d2r = model_args.model_type == "priorrg", model_args.model_type == "d2r_net"
     reads_context = is_priorrg or model_args.clinical_context
-    context_text_encoder = resolve_text_encoder_path(model_args.context_text_encoder) if reads_context else None
+    needs_text_encoder = reads_context or is_d2r or model_args.lesion_alignment  # context, or D2R-Net's alignment
+    context_text_encoder = resolve_text_encoder_path(model_args.context_text_encoder) if needs_text_encoder else None
     if model_args.model_name_or_path:
         processor = CdanProcessor.from_pretrained(model_args.model_name_or_path)
     else:
@@ -612,7 +728,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max_length=data_args.max_length,
             image_size=model_args.image_size,
             num_views=data_args.num_views,
-            context_tokenizer=build_context_tokenizer(context_text_encoder) if reads_context else None,
+            context_tokenizer=build_context_tokenizer(context_text_encoder) if needs_text_encoder else None,
         )
     if is_priorrg:
         add_report_section_tag(processor.context_tokenizer)
@@ -622,8 +738,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if is_priorrg:
         model, config = build_priorrg_model(model_args, len(processor.tokenizer), len(processor.context_tokenizer))
+    elif is_d2r:
+        model, config = build_d2r_model(model_args, data_args, processor, context_text_encoder)
     else:
         model, config = build_cdan_model(model_args, data_args, processor, raw, context_text_encoder)
+    reads_boxes = bool(getattr(config, "use_lesion_branch", False))  # D2R-Net, or CDAN's lesion branch
+    reads_alignment_text = bool(getattr(config, "use_alignment" if is_d2r else "use_lesion_alignment", False))
     model.generation_config.update(max_length=data_args.max_length, num_beams=training_args.generation_num_beams)
     apply_decoding_options(model, training_args)
     register_pipeline_in_config(model.config)
@@ -633,7 +753,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         logger.info(f"Visual warm-up: {warmup_metrics}")
     if model_args.freeze_visual_extractor or model_args.cache_visual_features:
-        model.model.encoder.visual_extractor.requires_grad_(False)
+        model.get_encoder().visual_extractor.requires_grad_(False)
     if model_args.cache_visual_features:
         for split in raw:
             raw[split] = cache_visual_features(model, processor, raw[split], training_args.per_device_eval_batch_size)
@@ -644,6 +764,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         include_view_positions=is_priorrg,
         include_context=reads_context,
         include_prior=is_priorrg or model_args.prior_study,
+        include_boxes=reads_boxes,
+        include_alignment_text=reads_alignment_text,
     )
     train_collator = CdanDataCollator(
         processor, augment=data_args.augment, include_diagnosis_states=getattr(config, "use_diagnosis_prompt", False),
@@ -698,7 +820,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, processor, raw, Path(training_args.output_dir) / "test",
             batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed, published=published,
             num_beams=training_args.generation_num_beams, max_length=data_args.max_length,
-            collator=eval_collator if (is_priorrg or reads_context or model_args.prior_study) else None,
+            collator=eval_collator if (is_priorrg or reads_context or model_args.prior_study or reads_boxes) else None,
         )  # fmt: skip
     model_row = f"{model_display_name(model)} (this run)"
     headline = {name: results[model_row][name] for name in ("BLEU-4", "CE macro-F1")} if results else None
@@ -722,9 +844,10 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "apply_decoding_options",
-    "build_compute_metrics",
     "build_cdan_model",
+    "build_compute_metrics",
     "build_config",
+    "build_d2r_model",
     "build_priorrg_model",
     "context_text_config_from",
     "finish_contrastive_pretraining",

@@ -41,6 +41,7 @@ from transformers.trainer_utils import has_length
 
 import evaluation_cdan
 from configuration_cdan import CHEXPERT_OBSERVATIONS, DIAGNOSIS_STATES, CdanConfig
+from d2r_modules import ALIGNMENT_TEXT_INPUTS, alignment_text_inputs
 from data_cdan.base import FRONTAL, LATERAL
 from labeler_cdan import POSITIVE, UNCERTAIN, to_binary
 from modeling_cdan import CdanForConditionalGeneration
@@ -284,7 +285,12 @@ class CdanDataCollator:
             `history` (the processor needs a context tokenizer).
         include_prior (`bool`): add `prior_pixel_values`, `has_prior` and `prior_view_position_ids` from the rows'
             prior study (`prior_images`, or MIMIC-CXR's `prior_image_paths`; see [`row_prior_study`]).
-    The three PriorRG flags are off by default, so CDAN batches are unchanged.
+        include_boxes (`bool`): add `lesion_boxes` / `lesion_box_mask` (D2R-Net) from the rows' `boxes` column (per
+            view a list of `BOX_FEATURES` dicts in pixels of the stored image; see [`CdanProcessor.__call__`]).
+        include_alignment_text (`bool`): add D2R-Net's alignment text inputs (`ALIGNMENT_TEXT_INPUTS`: the cleaned
+            report and its sentences, tokenised by the processor's context tokenizer; see [`alignment_text_inputs`]).
+    The three PriorRG flags, `include_boxes` and `include_alignment_text` are off by default, so CDAN batches are
+    unchanged.
     """
 
     processor: CdanProcessor
@@ -296,6 +302,8 @@ class CdanDataCollator:
     include_view_positions: bool = False
     include_context: bool = False
     include_prior: bool = False
+    include_boxes: bool = False
+    include_alignment_text: bool = False
 
     def __post_init__(self):
         unknown = [name for name in self.observation_names if name not in CHEXPERT_OBSERVATIONS]
@@ -309,8 +317,15 @@ class CdanDataCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [row["findings"] for row in rows] if self.include_reports else None
         if "visual_features" in rows[0]:
+            if self.include_boxes:
+                raise ValueError(
+                    "include_boxes needs the rows' images (boxes move with each view's resize and augmentation), but "
+                    "these rows carry cached `visual_features`; collate boxes without the feature cache."
+                )
             batch = dict(self.processor(text=texts, return_tensors="pt"))
-            batch["visual_features"] = torch.stack([torch.as_tensor(np.asarray(row["visual_features"])) for row in rows])
+            batch["visual_features"] = torch.stack(
+                [torch.as_tensor(np.asarray(row["visual_features"])) for row in rows]
+            )
         else:
             batch = dict(
                 self.processor(
@@ -318,6 +333,7 @@ class CdanDataCollator:
                     text=texts,
                     do_augment=self.augment,
                     **self.priorrg_inputs(rows),
+                    **self.box_inputs(rows),
                 )
             )
         chexpert_labels = [row["chexpert_labels"] for row in rows]
@@ -328,6 +344,11 @@ class CdanDataCollator:
             batch["diagnosis_states"] = reference_diagnosis_states(chexpert_labels, self.observation_indices)
         if "reference_embedding" in rows[0] and self.include_reports:
             batch["reference_embeddings"] = torch.tensor([row["reference_embedding"] for row in rows])
+        if self.include_alignment_text and self.include_reports:
+            if self.processor.context_tokenizer is None:
+                raise ValueError("include_alignment_text tokenises reports with the processor's context tokenizer.")
+            cleaned = [self.processor.clean_report(text) for text in texts]
+            batch.update(alignment_text_inputs(self.processor.context_tokenizer, cleaned))
         return batch
 
     def priorrg_inputs(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -346,6 +367,18 @@ class CdanDataCollator:
             inputs["prior_images"] = [images for images, _ in priors]
             inputs["prior_view_positions"] = [positions for _, positions in priors]
         return inputs
+
+    def box_inputs(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The processor's `boxes` from the rows' `boxes` column when `include_boxes` is on (else nothing)."""
+        if not self.include_boxes:
+            return {}
+        missing = [row.get("id", index) for index, row in enumerate(rows) if "boxes" not in row]
+        if missing:
+            raise ValueError(
+                f"include_boxes is on but rows {missing} have no 'boxes' column; prepare the data set with boxes (the "
+                "demo has them; IU X-Ray and MIMIC-CXR take a detector's `boxes_file`)."
+            )
+        return {"boxes": [row["boxes"] for row in rows]}
 
 
 class LossTermsCallback(TrainerCallback):
@@ -412,7 +445,7 @@ class CdanTrainer(Seq2SeqTrainer):
     `pipeline("image-to-text", trust_remote_code=True)` loads.
     """
 
-    extra_input_names = ("disease_labels", "reference_embeddings", "diagnosis_states")
+    extra_input_names = ("disease_labels", "reference_embeddings", "diagnosis_states", *ALIGNMENT_TEXT_INPUTS)
     """Training-only inputs: validation generation never sees them (the diagnosis prompt comes from the classifier)."""
 
     def __init__(self, *args, eval_data_collator: CdanDataCollator | None = None, **kwargs):
@@ -497,12 +530,18 @@ class CdanTrainer(Seq2SeqTrainer):
             ).mean(dim=-1)  # (B,)  # fmt: skip
             sc_loss = per_study.sum() / num_studies  # Eq. (18): L_mse
         loss = text_loss + self.args.lambda_mlc * mlc_loss + self.args.lambda_sc * sc_loss  # Eq. (22)
+        alignment_terms = {}  # D2R-Net's GAB and LAB (a D2R-Net model, or CDAN with `use_lesion_alignment`)
+        for name, field_name in (("loss_gab", "global_alignment_loss"), ("loss_lab", "local_alignment_loss")):
+            if getattr(outputs, field_name, None) is not None:  # a batch mean: scaled to a per-study sum / num_studies
+                alignment_terms[name] = getattr(outputs, field_name) * len(inputs["labels"]) / num_studies
+        loss = loss + self.args.lambda_alignment * sum(alignment_terms.values(), text_loss.new_zeros(()))
 
         if model.training:
             # Normalised over the accumulated batch, the micro-batch terms add up to the full batch's; otherwise each
             # is a micro-batch mean and the Trainer averages them over the accumulation steps.
             weight = 1.0 if accumulated else 1.0 / self.args.gradient_accumulation_steps
-            for name, value in (("loss_text", text_loss), ("loss_mlc", mlc_loss), ("loss_sc", sc_loss)):
+            terms = {"loss_text": text_loss, "loss_mlc": mlc_loss, "loss_sc": sc_loss, **alignment_terms}
+            for name, value in terms.items():
                 self.loss_term_sums[name] = self.loss_term_sums.get(name, 0.0) + value.detach().item() * weight
             self.loss_term_count += 1
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
@@ -591,7 +630,9 @@ class VisualWarmupModel(nn.Module):
         self.visual_extractor = visual_extractor
         self.classifier = nn.Linear(visual_extractor.num_features, num_observations)
 
-    def forward(self, pixel_values: torch.Tensor, disease_labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, disease_labels: torch.Tensor | None = None
+    ) -> SequenceClassifierOutput:
         patch_features = self.visual_extractor(pixel_values)  # (B, N, C)
         logits = self.classifier(patch_features.mean(dim=1))  # (B, num_observations)
         loss = None
@@ -622,7 +663,7 @@ def warm_up_visual_extractor(
     Returns:
         The last validation metrics of the warm-up (`eval_loss`, `eval_mean_AUROC`), empty without validation data.
     """
-    extractor = model.model.encoder.visual_extractor
+    extractor = model.get_encoder().visual_extractor
     warmup_dir = Path(training_args.output_dir) / "visual_warmup"
     weights_file = warmup_dir / "visual_extractor.safetensors"
     if training_args.resume_from_checkpoint and weights_file.exists():
@@ -650,12 +691,14 @@ def warm_up_visual_extractor(
         label_names=["disease_labels"],
         resume_from_checkpoint=None,
     )
+    # the model's observations; all 14 CheXpert ones for a model without the classifier (D2R-Net)
+    observation_names = getattr(model.config, "observation_names", None) or CHEXPERT_OBSERVATIONS
     collator = CdanDataCollator(
         processor, augment=data_args.augment, uncertain_label_as=training_args.uncertain_label_as,
-        include_reports=False, observation_names=model.config.observation_names,
+        include_reports=False, observation_names=observation_names,
     )  # fmt: skip
     trainer = Trainer(
-        model=VisualWarmupModel(extractor, model.config.num_observations),
+        model=VisualWarmupModel(extractor, len(observation_names)),
         args=warmup_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -674,7 +717,7 @@ def warm_up_visual_extractor(
 
 def cache_visual_features(model: CdanForConditionalGeneration, processor: CdanProcessor, dataset, batch_size: int):
     """Run the frozen extractor once per study (deterministic transform) and keep its features as a column."""
-    extractor = model.model.encoder.visual_extractor.eval()
+    extractor = model.get_encoder().visual_extractor.eval()
 
     def extract(batch):
         pixel_values = processor(images=batch["images"], return_tensors="pt")["pixel_values"]

@@ -6,18 +6,23 @@ Stage 1 pairs each study's `mean([ctx, st])` with the text encoder's projected `
 trains the decoder at `learning_rate` and everything else at the (lower) encoder learning rate, with cross-entropy
 only, on `CdanTrainer`'s loop, collator and evaluation.
 
+Both trainers reload checkpoints (`load_best_model_at_end`, `resume_from_checkpoint`) through `from_pretrained`,
+which maps the saved parameter names back to the modules' (see [`load_checkpoint_weights`]).
+
 References: Liu et al., PriorRG, AAAI 2026 (arXiv:2508.05353), `main_github.py` of its public code for the recipe
 (AdamW, 5e-5 for stage 1 and the decoder, 5e-6 for the rest in stage 2); CLIP (Radford et al., 2021) for retrieval
 recall@K.
 """
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from transformers.utils import logging
+from transformers import PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
 from priorrg_modules import REPORT_SECTION_TAG, study_id_codes
 from trainer_cdan import CdanDataCollator, CdanTrainer
@@ -78,6 +83,45 @@ def retrieval_recall(
     return results
 
 
+def load_checkpoint_weights(model: PreTrainedModel, checkpoint_dir: str | os.PathLike) -> None:
+    """
+    Copy the weights of a `save_pretrained` folder into `model`, in place, reading them with `from_pretrained`.
+
+    `Trainer` reloads its checkpoints with `model.load_state_dict(file, strict=False)`, which skips the renaming that
+    `from_pretrained` applies to the saved names: `save_pretrained` writes a DINOv2 vision encoder's attention under
+    its original names (`attention.attention.query`) while the module holds `attention.q_proj`, so those weights were
+    silently left at the last step's values, mixed with the best checkpoint's other weights.
+
+    Args:
+        model (`PreTrainedModel`): The model to overwrite (same class and configuration as the checkpoint's).
+        checkpoint_dir (`str` or `os.PathLike`): A folder written by `save_pretrained` (a Trainer checkpoint).
+    """
+    saved = type(model).from_pretrained(checkpoint_dir)
+    model.load_state_dict(saved.state_dict())  # strict: every parameter and buffer is replaced
+
+
+class ConvertedCheckpointsMixin:
+    """`Trainer` checkpoint reloading through [`load_checkpoint_weights`] (single-process, unsharded checkpoints)."""
+
+    def _loads_converted(self, checkpoint_dir: str) -> bool:
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        return plain and os.path.isfile(os.path.join(checkpoint_dir, SAFE_WEIGHTS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self._loads_converted(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info(f"Loading model from {resume_from_checkpoint}.")
+        model = model if model is not None else self.model
+        load_checkpoint_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        checkpoint_dir = self.state.best_model_checkpoint
+        if not self._loads_converted(checkpoint_dir):
+            return super()._load_best_model()
+        logger.info(f"Loading best model from {checkpoint_dir} (score: {self.state.best_metric}).")
+        load_checkpoint_weights(self.accelerator.unwrap_model(self.model), checkpoint_dir)
+
+
 @dataclass
 class ContrastivePretrainingCollator:
     """
@@ -118,7 +162,7 @@ class ContrastivePretrainingCollator:
         return batch
 
 
-class PriorRGPretrainer(CdanTrainer):
+class PriorRGPretrainer(ConvertedCheckpointsMixin, CdanTrainer):
     """
     Stage 1 on `CdanTrainer`: the loss is `model.get_contrastive_outputs(...).loss`, and `evaluate()` reports
     image-to-report retrieval recall@1/5/10 (and chance) on the evaluation split instead of generating reports.
@@ -164,7 +208,7 @@ class PriorRGPretrainer(CdanTrainer):
         return metrics
 
 
-class PriorRGTrainer(CdanTrainer):
+class PriorRGTrainer(ConvertedCheckpointsMixin, CdanTrainer):
     """
     Stage 2 on `CdanTrainer`: PriorRG's two learning rates, `learning_rate` for the decoder (and the memory
     projection) and `visual_extractor_learning_rate` for everything else (PriorRG: 5e-5 and 5e-6).
@@ -185,8 +229,10 @@ class PriorRGTrainer(CdanTrainer):
 __all__ = [
     "RETRIEVAL_RECALL_AT",
     "ContrastivePretrainingCollator",
+    "ConvertedCheckpointsMixin",
     "PriorRGPretrainer",
     "PriorRGTrainer",
     "add_report_section_tag",
+    "load_checkpoint_weights",
     "retrieval_recall",
 ]

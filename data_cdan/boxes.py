@@ -1,6 +1,7 @@
 """
 Lesion bounding boxes for D2R-Net-style report generation: the box record and its `datasets` column, readers of the
-public box files (VinDr-CXR, NIH ChestX-ray14, COCO JSON such as TBX11K), validation, rescaling and padding.
+public box files (VinDr-CXR, NIH ChestX-ray14, COCO JSON such as TBX11K), validation, rescaling and padding, and the
+JSON-lines box file a detector writes (`detection_cdan.write_box_file`) with its per-study `boxes` column values.
 
 Every box is `x_min, y_min, x_max, y_max` in pixels of one stated image (the image the file annotates, until
 [`rescale_boxes`] maps it to another size), with its `label`, its `score` (1.0 for annotations) and its `source`
@@ -777,10 +778,181 @@ def pad_boxes(boxes: Sequence[LesionBox], max_boxes: int, label_vocabulary: Sequ
     return padded
 
 
+# The detector's box file
+
+
+BOX_FILE_KEY_FIELDS = ("study_id", "image_index")
+"""The fields of a box-file line that say which image it is: the data set row's `id` and the image's position in the
+row's `images` (other key fields, such as `split` and `view`, are kept in the file but not read)."""
+
+BOX_FILE_ASPECT_TOLERANCE = 0.01
+"""How far (relative) the aspect ratio of a box-file `image_size` may differ from the image's own before the boxes are
+refused rather than rescaled (see [`study_box_rows`])."""
+
+
+def _box_file_error(path: Path, line: int, message: str) -> CdanDataError:
+    return CdanDataError(f"{path}, line {line}: {message}", item_id=f"line {line}", path=str(path))
+
+
+def read_box_file(path: str | os.PathLike) -> dict[tuple[str, int], tuple[tuple[int, int], list[LesionBox]]]:
+    """
+    The boxes of a JSON-lines box file as `detection_cdan.write_box_file` writes it: one object per line with
+    `study_id`, `image_index`, `image_size` `[width, height]` and `boxes`, a list of [`BOX_FEATURES`] dicts in pixels
+    of an image of that size. Blank lines are skipped; a `.gz` file is read decompressed.
+
+    Args:
+        path (`str` or `os.PathLike`): the box file.
+
+    Returns:
+        `dict[tuple[str, int], tuple[tuple[int, int], list[LesionBox]]]`: `(study_id, image_index)` ->
+        `((width, height), boxes)`, in file order (`study_id` as a string).
+
+    Raises:
+        `CdanDataError`: the file is missing or unreadable, or a line is not a JSON object, lacks a field, has an
+            `image_index` that is not a non-negative integer, an `image_size` that is not two positive integers, a box
+            that is not a full `BOX_FEATURES` dict, or repeats the key of an earlier line. The message gives the line
+            number; nothing is returned then.
+    """
+    path = Path(path)
+    entries: dict[tuple[str, int], tuple[tuple[int, int], list[LesionBox]]] = {}
+    first_lines: dict[tuple[str, int], int] = {}
+    try:
+        with _open_text(path) as file:
+            lines = list(enumerate(file, start=1))
+    except FileNotFoundError as error:
+        raise CdanDataError(f"Box file {path} does not exist.", path=str(path)) from error
+    except (UnicodeDecodeError, OSError) as error:
+        raise CdanDataError(f"{path} is not a readable box file: {error}.", path=str(path)) from error
+    for line, text in lines:
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise _box_file_error(path, line, f"not valid JSON ({error.msg}).") from None
+        if not isinstance(record, dict):
+            raise _box_file_error(path, line, f"expected a JSON object, got {type(record).__name__}.")
+        missing = [name for name in (*BOX_FILE_KEY_FIELDS, "image_size", "boxes") if name not in record]
+        if missing:
+            raise _box_file_error(path, line, f"field(s) {', '.join(map(repr, missing))} missing.")
+        study_id, image_index, image_size = record["study_id"], record["image_index"], record["image_size"]
+        if not isinstance(study_id, (str, int)) or isinstance(study_id, bool):
+            raise _box_file_error(path, line, f"study_id {study_id!r} is not a string.")
+        if not isinstance(image_index, int) or isinstance(image_index, bool) or image_index < 0:
+            raise _box_file_error(path, line, f"image_index {image_index!r} is not a non-negative integer.")
+        if (
+            not isinstance(image_size, list)
+            or len(image_size) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in image_size)
+        ):
+            raise _box_file_error(path, line, f"image_size {image_size!r} is not [width, height] positive integers.")
+        if not isinstance(record["boxes"], list):
+            raise _box_file_error(path, line, f"boxes is a {type(record['boxes']).__name__}, not a list.")
+        boxes = []
+        for index, row in enumerate(record["boxes"]):
+            try:
+                boxes.append(LesionBox.from_row(row))
+            except (KeyError, TypeError, ValueError) as error:
+                raise _box_file_error(
+                    path, line, f"box #{index} is not a BOX_FEATURES dict ({type(error).__name__}: {error})."
+                ) from None
+        key = (str(study_id), image_index)
+        if key in entries:
+            raise _box_file_error(
+                path, line, f"study {key[0]} image {image_index} was already given on line {first_lines[key]}."
+            )
+        entries[key] = ((image_size[0], image_size[1]), boxes)
+        first_lines[key] = line
+    return entries
+
+
+def box_file_image_counts(box_index: Mapping[tuple[str, int], Any]) -> dict[str, int]:
+    """Per study of a [`read_box_file`] result, one more than its highest `image_index` (to catch mismatched rows)."""
+    counts: dict[str, int] = {}
+    for study_id, image_index in box_index:
+        counts[study_id] = max(counts.get(study_id, 0), image_index + 1)
+    return counts
+
+
+def study_box_rows(
+    box_index: Mapping[tuple[str, int], tuple[tuple[int, int], list[LesionBox]]],
+    study_id: str,
+    image_paths: Sequence[str | os.PathLike],
+    box_file: str | os.PathLike,
+    image_counts: Mapping[str, int] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """
+    A study's `boxes` column value (per image a list of [`BOX_FEATURES`] dicts) from a [`read_box_file`] result.
+
+    An image without a line in the file gets an empty list. Boxes are stored in pixels of the image at its path: when
+    the file's `image_size` differs from the image's own size (read from its header), the boxes are rescaled with
+    [`rescale_boxes`] if both have the same aspect ratio (within `BOX_FILE_ASPECT_TOLERANCE`, e.g. the detector ran
+    on a resized copy) and refused otherwise (another image).
+
+    Args:
+        box_index (`Mapping`): the result of [`read_box_file`].
+        study_id (`str`): the row's `id`.
+        image_paths (`Sequence[str | os.PathLike]`): the row's images, in order (their positions are `image_index`).
+        box_file (`str` or `os.PathLike`): the box file, for messages.
+        image_counts (`Mapping[str, int]`, *optional*): [`box_file_image_counts`] of `box_index`; when given, a file
+            line for an image past the row's images is an error.
+
+    Raises:
+        `CdanDataError`: the file boxes an image the row does not have, or an image of another aspect ratio.
+    """
+    import PIL.Image  # imported here so that reading box files does not load PIL
+
+    if image_counts is not None and image_counts.get(study_id, 0) > len(image_paths):
+        raise CdanDataError(
+            f"{box_file} has boxes for image {image_counts[study_id] - 1} of study {study_id}, which has "
+            f"{len(image_paths)} image(s): the box file was written for other rows (another data set "
+            "configuration?).",
+            item_id=study_id,
+            path=str(box_file),
+        )
+    rows = []
+    for image_index, image_path in enumerate(image_paths):
+        entry = box_index.get((study_id, image_index))
+        if entry is None:
+            rows.append([])
+            continue
+        file_size, boxes = entry
+        try:
+            with PIL.Image.open(image_path) as image:
+                image_size = image.size
+        except (OSError, PIL.UnidentifiedImageError) as error:
+            raise CdanDataError(
+                f"{box_file} boxes study {study_id} image {image_index}, but {image_path} cannot be read to check its "
+                f"size: {error}",
+                item_id=study_id,
+                path=str(image_path),
+            ) from error
+        if image_size != file_size:
+            file_aspect, image_aspect = file_size[0] / file_size[1], image_size[0] / image_size[1]
+            if abs(file_aspect / image_aspect - 1.0) > BOX_FILE_ASPECT_TOLERANCE:
+                raise CdanDataError(
+                    f"{box_file} gives study {study_id} image {image_index} the size {list(file_size)} "
+                    f"(width, height) but {image_path} is {list(image_size)}, another aspect ratio: the boxes are not "
+                    "of this image.",
+                    item_id=study_id,
+                    path=str(box_file),
+                )
+            try:
+                boxes = rescale_boxes(boxes, from_image_size=file_size, to_image_size=image_size)
+            except ValueError as error:
+                raise CdanDataError(
+                    f"{box_file}, study {study_id} image {image_index}: {error}", item_id=study_id, path=str(box_file)
+                ) from error
+        rows.append(boxes_to_rows(boxes))
+    return rows
+
+
 __all__ = [
     "ANNOTATED",
     "BOX_DROP_REASONS",
     "BOX_FEATURES",
+    "BOX_FILE_ASPECT_TOLERANCE",
+    "BOX_FILE_KEY_FIELDS",
     "BOX_PADDING_VALUE",
     "BOX_SOURCES",
     "NIH_IMAGE_SIZE",
@@ -791,15 +963,18 @@ __all__ = [
     "VINDR_NO_FINDING",
     "BoxCleaningReport",
     "LesionBox",
+    "box_file_image_counts",
     "box_iou",
     "boxes_from_rows",
     "boxes_to_rows",
     "clean_boxes",
     "fuse_boxes",
     "pad_boxes",
+    "read_box_file",
     "read_coco_boxes",
     "read_coco_image_sizes",
     "read_nih_boxes",
     "read_vindr_boxes",
     "rescale_boxes",
+    "study_box_rows",
 ]

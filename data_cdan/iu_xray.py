@@ -12,7 +12,9 @@ lazily), `views` (`frontal` / `lateral` / `unknown`), `findings`, `impression`, 
 absent; the R2Gen layout has only the findings), `chexpert_labels` (14 states from `labeler_cdan`), `label_source`,
 `openi_uid`, `view_positions` (DICOM "View Position", `""` if unknown), `mesh_major`, `history` (always None: Open-I
 reports have only COMPARISON, INDICATION, FINDINGS and IMPRESSION sections). No prior studies: Open-I does not link
-a patient's studies. Layouts, split and view rules: docs/data.md.
+a patient's studies. With the `boxes_file` option (a detector's JSON-lines box file, see
+`data_cdan.boxes.read_box_file`), also `boxes`: per image a list of `BOX_FEATURES` dicts, like the demo's. Layouts,
+split and view rules: docs/data.md.
 """
 
 import logging
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 from datasets.features import List, Value
 
 from .annotation import annotation_entry_split, iter_r2gen_annotation
@@ -37,6 +40,7 @@ from .base import (
     report_labels,
     seeded_split,
 )
+from .boxes import BOX_FEATURES, box_file_image_counts, read_box_file, study_box_rows
 from .openi import (
     OpenIReport,
     iu_views_from_dicom,
@@ -76,6 +80,11 @@ class IuXrayConfig(CdanBuilderConfig):
         max_images (`int`, *optional*): Open-I layout: keep at most this many images per study, chosen by
             [`select_view_indices`] (first frontal, first lateral, then the rest); R2Gen kept 2. None keeps all
             (R2Gen's studies have 2-5 Open-I images).
+        boxes_file (`str`, *optional*): a box file as `detection_cdan.write_box_file` writes it (`study_id` = the
+            row's `id`, `image_index` = the position in `images`); adds the `boxes` column (images without a line get
+            an empty list; boxes of a resized copy of an image are rescaled to it, those of an image of another
+            aspect ratio refused, see [`study_box_rows`]). Without it there is no `boxes` column and the prepared
+            data is unchanged. Rebuild with `download_mode="force_redownload"` after the file changed.
     """
 
     layout: str = "auto"
@@ -88,6 +97,7 @@ class IuXrayConfig(CdanBuilderConfig):
     min_images: int = 1
     r2gen_view_convention: bool = True
     max_images: int | None = None
+    boxes_file: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,6 +137,12 @@ class IuXrayBuilder(CdanBuilder):
         "JAMIA 23(2), 2016."
     )
     BUILDER_CONFIG_CLASS = IuXrayConfig
+
+    def _info(self) -> datasets.DatasetInfo:
+        info = super()._info()
+        if self.config.boxes_file:
+            info.features["boxes"] = List(BOX_FEATURES)
+        return info
 
     def _resolve_inputs(self) -> dict[str, Any]:
         config = self.config
@@ -198,7 +214,8 @@ class IuXrayBuilder(CdanBuilder):
             paths = [Path(path) for path in study["images"]]
             if self._check_images(study["id"], paths):
                 kept.append(study)
-        return {split: {"studies": studies} for split, studies in studies_by_split.items()}
+        box_index = read_box_file(self._option_path(self.config.boxes_file)) if self.config.boxes_file else None
+        return {split: {"studies": studies, "box_index": box_index} for split, studies in studies_by_split.items()}
 
     def _annotation_entries(self, annotation: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         """Annotation entries with a known split, a unique id and the expected fields, as (split, entry)."""
@@ -346,10 +363,16 @@ class IuXrayBuilder(CdanBuilder):
             for report in eligible
         )
 
-    def _generate_examples(self, split: str, studies: list[dict[str, Any]]):
+    def _generate_examples(self, split: str, studies: list[dict[str, Any]], box_index: dict | None = None):
+        image_counts = box_file_image_counts(box_index) if box_index is not None else None
         for study in studies:
             labels = report_labels(study["findings"], study["impression"])
-            yield study["id"], {**study, "chexpert_labels": labels, "label_source": LABEL_SOURCE_LABELER}
+            example = {**study, "chexpert_labels": labels, "label_source": LABEL_SOURCE_LABELER}
+            if box_index is not None:
+                example["boxes"] = study_box_rows(
+                    box_index, study["id"], study["images"], self.config.boxes_file, image_counts
+                )
+            yield study["id"], example
 
 
 __all__ = ["IuXrayBuilder", "IuXrayConfig"]

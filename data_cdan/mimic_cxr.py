@@ -14,7 +14,8 @@ Columns: `id` (the DICOM id), `split`, `images` (`List(Image())`, paths), `views
 see [`report_context_sections`]; None without the report or the section), `chexpert_labels` (MIMIC's CheXpert table,
 four states), `label_source`, `subject_id`, `study_id`, `view_positions`, `prior_study_id` (the patient's latest
 strictly earlier study, None for the first), `prior_image_paths` (not opened or checked) and `prior_view_positions`
-(their `ViewPosition`, aligned).
+(their `ViewPosition`, aligned); with the `boxes_file` option (a detector's JSON-lines box file, see
+`data_cdan.boxes.read_box_file`) also `boxes`, per image a list of `BOX_FEATURES` dicts, like the demo's.
 Memory stays compact: only the needed columns of the tables are kept, as numpy / Arrow arrays, and the annotation
 entries wait on disk (one Arrow IPC file per split) until their split is generated.
 """
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import datasets
 from datasets.features import List, Value
 
 from labeler_cdan import CHEXPERT_OBSERVATIONS, NEGATIVE, NOT_MENTIONED, POSITIVE, UNCERTAIN
@@ -49,6 +51,7 @@ from .base import (
     report_labels,
     view_from_code,
 )
+from .boxes import BOX_FEATURES, box_file_image_counts, read_box_file, study_box_rows
 
 
 _patched_for_streaming = True
@@ -119,6 +122,11 @@ class MimicCxrConfig(CdanBuilderConfig):
             (the `files/` folder of the extracted `mimic-cxr-reports.zip`). Defaults to
             `<data_dir>/mimic-cxr-reports/files` when present, else the image folder (the reports extracted into the
             same `files/` tree as the JPEGs). A study whose report is missing gets None as indication and history.
+        boxes_file (`str`, *optional*): a box file as `detection_cdan.write_box_file` writes it (`study_id` = the
+            row's `id`, the DICOM id; `image_index` 0); adds the `boxes` column (images without a line get an empty
+            list; boxes of a resized copy of an image are rescaled to it, those of an image of another aspect ratio
+            refused, see [`study_box_rows`]). Without it there is no `boxes` column and the prepared data is
+            unchanged. Rebuild with `download_mode="force_redownload"` after the file changed.
     """
 
     verify_images: bool = False
@@ -129,6 +137,7 @@ class MimicCxrConfig(CdanBuilderConfig):
     split_file: str | None = None
     lookup_batch_size: int = 5000
     reports_dir: str | None = None
+    boxes_file: str | None = None
 
 
 def read_table_columns(path: Path, columns: dict[str, str], chunk_rows: int = 10000) -> dict[str, Any]:
@@ -413,6 +422,12 @@ class MimicCxrBuilder(CdanBuilder):
     _entry_files_dir: tempfile.TemporaryDirectory | None = None
     """Holds the split entry files from `_plan` until the preparation ends."""
 
+    def _info(self) -> datasets.DatasetInfo:
+        info = super()._info()
+        if self.config.boxes_file:
+            info.features["boxes"] = List(BOX_FEATURES)
+        return info
+
 
     def _table_path(self, option: str | None, kind: str, required: bool) -> Path | None:
         path = self._option_path(option)
@@ -462,8 +477,14 @@ class MimicCxrBuilder(CdanBuilder):
             self._entry_files_dir = tempfile.TemporaryDirectory(prefix="mimic_cxr-entries-", dir=self._cache_dir_root)
         entry_files = self._write_split_entries(annotation, Path(self._entry_files_dir.name))
         seen_metadata_rows = np.zeros(len(tables.dicom_ids), dtype=bool)
+        box_index = read_box_file(self._option_path(config.boxes_file)) if config.boxes_file else None
         return {
-            split: {"entry_file": entry_files[split], "tables": tables, "seen_metadata_rows": seen_metadata_rows}
+            split: {
+                "entry_file": entry_files[split],
+                "tables": tables,
+                "seen_metadata_rows": seen_metadata_rows,
+                "box_index": box_index,
+            }
             for split in SPLITS
         }
 
@@ -521,8 +542,14 @@ class MimicCxrBuilder(CdanBuilder):
         return entry_files
 
     def _generate_examples(
-        self, split: str, entry_file: str, tables: MimicTables, seen_metadata_rows: np.ndarray
+        self,
+        split: str,
+        entry_file: str,
+        tables: MimicTables,
+        seen_metadata_rows: np.ndarray,
+        box_index: dict | None = None,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
+        image_counts = box_file_image_counts(box_index) if box_index is not None else None
         produced = 0
         limit = self.config.max_studies_per_split
         # Each record batch is one lookup batch (see `_write_split_entries`). Read with plain file reads, not
@@ -535,6 +562,10 @@ class MimicCxrBuilder(CdanBuilder):
                     if limit is not None and produced >= limit:
                         return
                     produced += 1
+                    if box_index is not None:
+                        example["boxes"] = study_box_rows(
+                            box_index, study_id, example["images"], self.config.boxes_file, image_counts
+                        )
                     yield study_id, example
 
     def _examples_from_batch(

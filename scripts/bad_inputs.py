@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 import warnings
 from collections import Counter
@@ -71,16 +72,12 @@ MATCHING = {"error": CLEAR_ERROR, "warning": ACCEPTED, "skip": SKIP, "accept": A
 CLEAR_ERROR_TYPES = (TypeError, ValueError, OSError)
 """Exception types that make a clear error when raised by project code (`CdanDataError` is a `ValueError`)."""
 
-PROJECT_MODULES = (
-    "configuration_cdan",
-    "evaluation_cdan",
-    "labeler_cdan",
-    "mesh_cdan",
-    "modeling_cdan",
-    "pipeline_cdan",
-    "processing_cdan",
-    "trainer_cdan",
+PROJECT_MODULES = tuple(
+    tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "py-modules"
+    ]
 )
+"""The project's top-level modules, as `pyproject.toml` installs them (`cdan`, `priorrg`, `d2r`, shared layers)."""
 PROJECT_PACKAGES = ("data_cdan",)
 RESULT_MARKER = "BAD_INPUTS_RESULT "
 """Prefix of the line on which an isolated case prints its outcome."""

@@ -1,4 +1,5 @@
-"""Benchmark CPU report generation of CDAN against a stock ResNet-101 + BERT stack of the same size.
+"""Benchmark CPU report generation of CDAN against a stock ResNet-101 + BERT stack of the same size, and of the
+library's other model types (D2R-Net with 10 boxes per view, PriorRG at 518 px) at their published sizes.
 
 Both stacks are randomly initialised (weights do not change the speed) and write exactly 60-token reports (the start
 token plus 59 generated tokens) from two 224 px views per study, with the stock `GenerationMixin.generate()`:
@@ -6,6 +7,10 @@ token plus 59 generated tokens) from two 224 px views per study, with the stock 
 * CDAN: `CdanForConditionalGeneration(CdanConfig())` (timm ResNet-101, reverse attention, 3 + 3 layers of width 512).
 * Stock: `transformers.ResNetModel` (ResNet-101) on both views, a Linear 2048 -> 512, and a 3-layer
   `BertLMHeadModel` decoder (width 512, 8 heads, FFN 2048, vocabulary 764) cross-attending to the 98 patch tokens.
+* D2R-Net (`--stacks d2r`): `D2RNetForConditionalGeneration(D2RNetConfig())` (ResNet-101 with CPCA, RoIAlign lesion
+  branch, R2Gen's memory-driven decoder) with `D2R_BOXES_PER_VIEW` random boxes per view.
+* PriorRG (`--stacks priorrg`): `PriorRGForConditionalGeneration(PriorRGConfig())` on 518 px views (no context, no
+  prior: the image path alone).
 
 Each (stack, batch, beams, cache) setting runs in a fresh subprocess (the script re-invokes itself with
 `--single_setting`), so its peak resident memory (model construction included) is its own; the two stacks
@@ -20,13 +25,16 @@ of the machine or more, with at most `--max_extra_runs` extra calls. A row whose
 `*`.
 
 `--variants` adds CDAN rows prepared for faster inference (`inference_cdan.optimize_for_inference`), each in its own
-subprocess and timed the same way, beside the float32 row of the same setting, with their speed-up over it: `fp32`
-(the default, the only row without the option), `int8` (dynamic int8 linear layers), `bf16` (bfloat16 autocast; a
-CPU without AVX512-BF16 or AMX skips the row with the reason), `compile` (the visual extractor compiled; the warm-up
-call compiles), `int8+compile`, `bf16+compile`, and `onnxruntime` (the model exported with `onnx_cdan.export_onnx`
-and decoded by `OnnxReportGenerator` with its key/value cache; the export counts in the build time, and the extractor
-share is not reported). `VARIANTS` maps each name to a function that prepares the model and returns a
-`generate`-like callable: a new backend is one more entry there. The stock stack runs as it is.
+subprocess and timed the same way, beside the float32 row of the same setting, with their speed-up over it: `fp32` (the
+default, the only row without the option), `int8` (dynamic int8 linear layers of the default scope, the encoder layers
+and the decoder's cross-attention), `int8-all` (every linear layer outside the visual extractor, its projection and the
+head), `bf16` (bfloat16 autocast; a CPU without AVX512-BF16 or AMX skips the row with the reason), `compile` (the
+visual extractor compiled; the warm-up call compiles), `int8+compile`, `bf16+compile`, `onnxruntime` (the model
+exported with `onnx_cdan.export_onnx` and decoded by `OnnxReportGenerator` with its key/value cache; the export counts
+in the build time, and the extractor share is not reported), and `onnxruntime-int8` (the same with the linear layers of
+`int8`'s scope quantised by ONNX Runtime, `onnx_cdan.quantize_onnx_int8`). `VARIANTS` maps each name to a function that
+prepares the model and returns a `generate`-like callable: a new backend is one more entry there. The stock stack runs
+as it is.
 
 Run:
 
@@ -56,6 +64,8 @@ Stock BERT under `generate()` (checked against the installed transformers 5.24 s
 """
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -71,8 +81,12 @@ from benchmark_utils import CpuMeter, markdown_table, peak_rss_mb, wait_for_idle
 from torch import nn
 
 from configuration_cdan import CdanConfig
+from configuration_d2r import D2RNetConfig
+from configuration_priorrg import PriorRGConfig
 from inference_cdan import NAMED_OPTIONS, InferenceOptions, optimize_for_inference
 from modeling_cdan import CdanForConditionalGeneration
+from modeling_d2r import D2RNetForConditionalGeneration
+from modeling_priorrg import PriorRGForConditionalGeneration
 
 REPORT_LENGTH = 60
 """Sequence length of every report, start token included (`max_length = min_length = 60`)."""
@@ -83,7 +97,18 @@ GENERATED_TOKENS = REPORT_LENGTH - 1
 NUM_VIEWS, IMAGE_SIZE = 2, 224
 PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 
-STACK_LABELS = {"cdan": "CDAN", "stock": "stock ResNet-101+BERT"}
+STACK_LABELS = {
+    "cdan": "CDAN",
+    "stock": "stock ResNet-101+BERT",
+    "d2r": "D2R-Net (K=10 boxes)",
+    "priorrg": "PriorRG (518 px)",
+}
+
+STACK_IMAGE_SIZES = {"priorrg": 518}
+"""Image size of the stacks that do not read 224 px views: PriorRG's RAD-DINO-sized ViT reads 518 px."""
+
+D2R_BOXES_PER_VIEW = 10
+"""Lesion boxes per view given to D2R-Net (the issue's K = 10): random boxes of 20 to 100 px, all real."""
 
 BASELINE_VARIANT = "fp32"
 
@@ -210,6 +235,12 @@ def build_stack(stack: str) -> tuple[nn.Module, nn.Module]:
     if stack == "stock":
         model = StockResnetBertReportGenerator().eval()
         return model, model.visual_extractor
+    if stack == "d2r":  # the published sizes, the alignment text encoder included (it does not run in generate())
+        model = D2RNetForConditionalGeneration(D2RNetConfig(max_lesion_boxes=D2R_BOXES_PER_VIEW)).eval()
+        return model, model.encoder.visual_extractor
+    if stack == "priorrg":  # the published sizes: RAD-DINO-sized DINOv2, 6-layer BERT, DistilGPT-2-sized decoder
+        model = PriorRGForConditionalGeneration(PriorRGConfig()).eval()
+        return model, model.encoder.vision_model
     raise ValueError(f"Unknown stack {stack!r}; choose one of {list(STACK_LABELS)}.")
 
 
@@ -230,22 +261,25 @@ def optimized_variant(options: InferenceOptions) -> Callable[[nn.Module], tuple[
     """A variant preparing the model with `optimize_for_inference` (in place, so that memory is not doubled)."""
 
     def prepare(model: nn.Module) -> tuple[GenerateFunction, nn.Module]:
-        prepared = optimize_for_inference(model, precision=options.precision, compile=options.compile, inplace=True)
+        prepared = optimize_for_inference(model, **dataclasses.asdict(options), inplace=True)
         return eager_variant(prepared)
 
     return prepare
 
 
-def onnx_runtime_variant(model: nn.Module) -> tuple[GenerateFunction, None]:
+def onnx_runtime_variant(model: nn.Module, int8: bool = False) -> tuple[GenerateFunction, None]:
     """
     The model exported to ONNX (`onnx_cdan.export_onnx`, into a temporary folder, counted in the build time) and run
-    by ONNX Runtime with as many threads as torch. ORT always decodes with its key/value cache; the `use_cache` and
-    `do_sample` arguments of the benchmark's calls are dropped (sampling is never asked for).
+    by ONNX Runtime with as many threads as torch; with `int8`, the linear layers of the default int8 scope are then
+    quantised by ONNX Runtime (`onnx_cdan.quantize_onnx_int8`). ORT always decodes with its key/value cache; the
+    `use_cache` and `do_sample` arguments of the benchmark's calls are dropped (sampling is never asked for).
     """
-    from onnx_cdan import OnnxReportGenerator, export_onnx
+    from onnx_cdan import OnnxReportGenerator, export_onnx, quantize_onnx_int8
 
     folder = Path(tempfile.mkdtemp(prefix="cdan_onnx_"))
     export_onnx(model, folder)
+    if int8:
+        quantize_onnx_int8(folder)
     generator = OnnxReportGenerator(folder, num_threads=torch.get_num_threads())
 
     def generate(use_cache: bool = True, do_sample: bool = False, **generation_kwargs) -> torch.Tensor:
@@ -258,18 +292,32 @@ VARIANTS: dict[str, Callable[[nn.Module], tuple[GenerateFunction, nn.Module | No
     BASELINE_VARIANT: eager_variant,
     **{name: optimized_variant(options) for name, options in NAMED_OPTIONS.items() if not options.is_default},
     "onnxruntime": onnx_runtime_variant,
+    "onnxruntime-int8": functools.partial(onnx_runtime_variant, int8=True),
 }
 """CDAN variants of `--variants`: each takes the float32 eager model and returns a `generate`-like callable and the
 module to time as the visual extractor (`None` where it cannot be hooked: the extractor share is then not reported). A
 variant that cannot run on this machine raises `ValueError` with the reason, and its row is skipped."""
 
 
+def benchmark_inputs(stack: str, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random model inputs of `batch_size` two-view studies: the views, and D2R-Net's boxes (K per view, all real)."""
+    image_size = STACK_IMAGE_SIZES.get(stack, IMAGE_SIZE)
+    inputs = {"pixel_values": torch.randn(batch_size, NUM_VIEWS, 3, image_size, image_size, generator=generator)}
+    if stack == "d2r":
+        shape = (batch_size, NUM_VIEWS, D2R_BOXES_PER_VIEW)
+        corners = torch.rand(*shape, 2, generator=generator) * (image_size - 100)  # (B, V, K, 2)
+        sizes = 20 + torch.rand(*shape, 2, generator=generator) * 80
+        inputs["lesion_boxes"] = torch.cat([corners, corners + sizes], dim=-1)  # (B, V, K, 4)
+        inputs["lesion_box_mask"] = torch.ones(shape, dtype=torch.bool)
+    return inputs
+
+
 def generate_reports(
-    generate: GenerateFunction, pixel_values: torch.Tensor, num_beams: int, use_cache: bool, length: int
+    generate: GenerateFunction, inputs: dict[str, torch.Tensor], num_beams: int, use_cache: bool, length: int
 ) -> torch.Tensor:
     """One `generate()` call forced to exactly `length` tokens (start token included), greedy or beam search."""
     return generate(
-        pixel_values=pixel_values,
+        **inputs,
         max_length=length,
         min_length=length,  # MinLengthLogitsProcessor: <eos> gets -inf until the length is reached
         num_beams=num_beams,
@@ -323,20 +371,20 @@ def run_single_setting(
             raise VariantUnavailableError(str(error)) from error
     build_seconds = time.perf_counter() - build_start
     rss_after_build_mb = peak_rss_mb()
-    pixel_values = torch.randn(batch_size, NUM_VIEWS, 3, IMAGE_SIZE, IMAGE_SIZE)
+    inputs = benchmark_inputs(stack, batch_size, torch.Generator().manual_seed(seed))
     timer = ModuleTimer(visual_extractor) if visual_extractor is not None else None
 
     runs = []
     with torch.inference_mode():
         warmup_start = time.perf_counter()
-        check_full_length(generate_reports(generate, pixel_values, num_beams, use_cache, REPORT_LENGTH), batch_size)
+        check_full_length(generate_reports(generate, inputs, num_beams, use_cache, REPORT_LENGTH), batch_size)
         warmup_seconds = time.perf_counter() - warmup_start
         while len(runs) < repeats + max_extra_runs:
             idle_wait_seconds = wait_for_idle_machine(max_foreign_load, max_idle_wait_seconds)
             if timer is not None:
                 timer.reset()
             with CpuMeter() as meter:
-                sequences = generate_reports(generate, pixel_values, num_beams, use_cache, REPORT_LENGTH)
+                sequences = generate_reports(generate, inputs, num_beams, use_cache, REPORT_LENGTH)
             check_full_length(sequences, batch_size)
             if timer is not None and timer.calls != 1:
                 raise RuntimeError(f"The visual extractor ran {timer.calls} times in one generate() call.")

@@ -3,33 +3,44 @@
     python scripts/check_inference_agreement.py                                   # outputs/demo on the demo test split
     python scripts/check_inference_agreement.py --model runs/iu_xray --dataset_name iu_xray --data_dir /data/iu_xray
     python scripts/check_inference_agreement.py --options fp32 int8 --threads 2 --max_samples 64
+    python scripts/check_inference_agreement.py --options int8 --int8_scopes all decoder encoder   # what to quantise
 
 For the checkpoint and each option of `inference_cdan.NAMED_OPTIONS` asked for (`--options`; float32 always runs
 first, as the reference), the split's reports are generated with `evaluation_cdan.generate_reports_and_disease_logits`
 (the evaluation's own generation: the checkpoint's generation settings unless `--num_beams` / `--max_length` are
 given), and the script prints a Markdown table: the option, the share of studies whose report is identical to the
 float32 one, CE macro-F1 against the reference reports (`evaluation_cdan.compute_clinical_efficacy`) and its
-difference from float32's, and reports per second. An option this machine cannot run (bfloat16 without AVX512-BF16
-or AMX) is listed below the table with the reason.
+difference from float32's, reports per second and CPU seconds per report. An option this machine cannot run (bfloat16
+without AVX512-BF16 or AMX) is listed below the table with the reason. `--int8_scopes` adds one int8 row per scope of
+`inference_cdan.INT8_SCOPES` (`int8 (all)`, ...: which linear layers are quantised), to choose what to quantise.
+`--onnxruntime_int8_scopes` adds an `onnxruntime` row (the model exported with `onnx_cdan.export_onnx` and decoded by
+ONNX Runtime) and one `onnxruntime-int8 (scope)` row per scope (the export quantised by
+`onnx_cdan.quantize_onnx_int8`).
 
 Reports per second cover preprocessing and generation of the whole split, after one untimed warm-up batch (which
-compiles, for the `compile` options); a last batch of another size than the others compiles again. The target of the
+compiles, for the `compile` options); a last batch of another size than the others compiles again. CPU seconds (of
+every thread of this process) are less disturbed than wall-clock time by other processes on a shared machine, and
+compare options back to back there; neither replaces a benchmark on an idle machine. The target of the
 issue: identical reports for at least 95 % of the studies and CE macro-F1 within 0.01 of float32
 (`--min_identical`, `--max_f1_delta`); the exit status is 1 when a run option misses it.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmark_utils import markdown_table
+from consistency_cdan import align_reports_with_classifier
 from data_cdan import load_cdan_dataset
 from evaluation_cdan import compute_clinical_efficacy, generate_reports_and_disease_logits, reference_reports
-from inference_cdan import NAMED_OPTIONS, optimize_for_inference
+from inference_cdan import INT8_SCOPES, NAMED_OPTIONS, InferenceOptions, optimize_for_inference
 from modeling_cdan import CdanForConditionalGeneration
 from processing_cdan import CdanProcessor
 
@@ -44,23 +55,94 @@ def identical_fraction(reports: list[str], reference: list[str]) -> float:
     return sum(report == expected for report, expected in zip(reports, reference)) / len(reference)
 
 
-def run_option(model, processor, dataset, name: str, batch_size: int, **generation_kwargs) -> dict:
+def int8_scope_label(scope: str) -> str:
+    """The table's name of the int8 option with `scope` (a key of `INT8_SCOPES`)."""
+    return f"int8 ({scope})"
+
+
+def options_to_run(names: list[str], int8_scopes: list[str] | None = None) -> dict[str, InferenceOptions]:
     """
-    Prepare a copy of `model` with the option set `name` and generate the split's reports, after one warm-up batch.
+    The option sets to compare, by table name: float32 first, then `names` (of `NAMED_OPTIONS`), then one int8 set per
+    scope of `int8_scopes` (keys of `INT8_SCOPES`).
+    """
+    options = {name: NAMED_OPTIONS[name] for name in dict.fromkeys([REFERENCE_OPTION, *names])}
+    for scope in int8_scopes or []:
+        options[int8_scope_label(scope)] = InferenceOptions(precision="int8", int8_scope=scope)
+    return options
+
+
+def run_option(model, processor, dataset, options: InferenceOptions, batch_size: int, **generation_kwargs) -> dict:
+    """
+    Prepare a copy of `model` with `options` and generate the split's reports, after one warm-up batch.
 
     Returns:
-        `dict`: `reports` and `seconds` (the timed pass over the split).
+        `dict`: `reports`, `seconds` and `cpu_seconds` (wall-clock and this process's CPU time of the timed pass over
+        the split).
 
     Raises:
         `ValueError`: the option cannot run on this machine.
     """
-    options = NAMED_OPTIONS[name]
-    prepared = optimize_for_inference(model, precision=options.precision, compile=options.compile)
+    prepared = optimize_for_inference(model, **dataclasses.asdict(options))
     warmup = dataset.select(range(min(batch_size, len(dataset))))
     generate_reports_and_disease_logits(prepared, processor, warmup, batch_size, **generation_kwargs)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     reports, _ = generate_reports_and_disease_logits(prepared, processor, dataset, batch_size, **generation_kwargs)
-    return {"reports": reports, "seconds": time.perf_counter() - start}
+    return {
+        "reports": reports,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+    }
+
+
+def generate_onnx_reports(generator, model, processor, dataset, batch_size: int, **generation_kwargs) -> list[str]:
+    """
+    The reports of `dataset` written by an `onnx_cdan.OnnxReportGenerator`, edited to agree with the exported
+    classifier as `evaluation_cdan.generate_reports_and_disease_logits` edits the PyTorch model's (`model` gives the
+    decision thresholds and observation sentences). The disease logits take a second encoder call per batch
+    (`generate()` keeps its own), so the ONNX Runtime rows' speed is a lower bound.
+    """
+    config = model.config
+    reports = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Generating reports (ONNX Runtime)", unit="batch"):
+        pixel_values = processor(images=dataset[start : start + batch_size]["images"], return_tensors="pt")
+        pixel_values = pixel_values["pixel_values"].numpy()
+        batch_reports = processor.batch_decode(
+            generator.generate(pixel_values, **generation_kwargs), skip_special_tokens=True
+        )
+        if generator.metadata["has_disease_logits"] and config.observation_sentences:
+            disease_logits = torch.from_numpy(generator.encode(pixel_values)["disease_logits"])  # (B, O)
+            decisions = model.diagnosis_decisions(disease_logits).tolist()
+            batch_reports = align_reports_with_classifier(
+                batch_reports, decisions, config.observation_names, config.observation_sentences
+            )
+        reports.extend(batch_reports)
+    return reports
+
+
+def run_onnx_option(model, processor, dataset, int8_scope: str | None, batch_size: int, **generation_kwargs) -> dict:
+    """
+    Export `model` to ONNX (into a temporary folder), quantise it with `int8_scope` unless `None`, and generate the
+    split's reports with ONNX Runtime (as many threads as torch), after one warm-up batch.
+
+    Returns:
+        `dict`: `reports`, `seconds` and `cpu_seconds`, as [`run_option`].
+    """
+    from onnx_cdan import OnnxReportGenerator, export_onnx, quantize_onnx_int8
+
+    with tempfile.TemporaryDirectory(prefix="cdan_onnx_") as folder:
+        export_onnx(model, folder, processor=processor)
+        if int8_scope is not None:
+            quantize_onnx_int8(folder, int8_scope)
+        generator = OnnxReportGenerator(folder, num_threads=torch.get_num_threads())
+        warmup = dataset.select(range(min(batch_size, len(dataset))))
+        generate_onnx_reports(generator, model, processor, warmup, batch_size, **generation_kwargs)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        reports = generate_onnx_reports(generator, model, processor, dataset, batch_size, **generation_kwargs)
+        return {
+            "reports": reports,
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start,
+        }
 
 
 def agreement_table(results: dict[str, dict], references: list[str]) -> tuple[str, dict[str, dict]]:
@@ -75,6 +157,7 @@ def agreement_table(results: dict[str, dict], references: list[str]) -> tuple[st
             "ce_macro_f1": f1,
             "ce_macro_f1_delta": f1 - reference_f1,
             "reports_per_second": len(references) / result["seconds"],
+            "cpu_seconds_per_report": result["cpu_seconds"] / len(references),
         }
         row = numbers[name]
         rows.append(
@@ -84,9 +167,10 @@ def agreement_table(results: dict[str, dict], references: list[str]) -> tuple[st
                 f"{row['ce_macro_f1']:.4f}",
                 f"{row['ce_macro_f1_delta']:+.4f}",
                 f"{row['reports_per_second']:.2f}",
+                f"{row['cpu_seconds_per_report']:.3f}",
             ]
         )
-    header = ["option", "identical reports", "CE macro-F1", "delta vs fp32", "reports/s"]
+    header = ["option", "identical reports", "CE macro-F1", "delta vs fp32", "reports/s", "CPU s/report"]
     return markdown_table(header, rows), numbers
 
 
@@ -102,6 +186,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[name for name in NAMED_OPTIONS if name != REFERENCE_OPTION],
         choices=list(NAMED_OPTIONS),
         help="option sets to compare with fp32 (which always runs)",
+    )
+    parser.add_argument(
+        "--int8_scopes",
+        nargs="+",
+        default=[],
+        choices=list(INT8_SCOPES),
+        help="also run int8 with each of these scopes (which linear layers are quantised; inference_cdan.INT8_SCOPES)",
+    )
+    parser.add_argument(
+        "--onnxruntime_int8_scopes",
+        nargs="+",
+        default=[],
+        choices=list(INT8_SCOPES),
+        help="also run ONNX Runtime, in float32 and quantised with each of these scopes (quantize_onnx_int8)",
     )
     parser.add_argument("--batch_size", type=int, default=8, help="studies per generate() call")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size; the checkpoint's by default")
@@ -132,14 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     results, skipped = {}, {}
-    for name in dict.fromkeys([REFERENCE_OPTION, *args.options]):
+    for name, options in options_to_run(args.options, args.int8_scopes).items():
         print(f"{name}: generating {len(dataset)} reports", file=sys.stderr, flush=True)
         try:
-            results[name] = run_option(model, processor, dataset, name, args.batch_size, **generation_kwargs)
+            results[name] = run_option(model, processor, dataset, options, args.batch_size, **generation_kwargs)
         except ValueError as error:
             if name == REFERENCE_OPTION:
                 raise
             skipped[name] = str(error)
+    onnx_scopes = {"onnxruntime": None} if args.onnxruntime_int8_scopes else {}
+    onnx_scopes.update({f"onnxruntime-int8 ({scope})": scope for scope in args.onnxruntime_int8_scopes})
+    for name, scope in onnx_scopes.items():
+        print(f"{name}: generating {len(dataset)} reports", file=sys.stderr, flush=True)
+        results[name] = run_onnx_option(model, processor, dataset, scope, args.batch_size, **generation_kwargs)
     table, numbers = agreement_table(results, reference_reports(processor, dataset))
     print(table)
     for name, reason in skipped.items():
@@ -164,4 +267,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["agreement_table", "identical_fraction", "main", "run_option"]
+__all__ = [
+    "agreement_table",
+    "generate_onnx_reports",
+    "identical_fraction",
+    "int8_scope_label",
+    "main",
+    "options_to_run",
+    "run_onnx_option",
+    "run_option",
+]

@@ -43,16 +43,34 @@ TRAINING_VARIANTS: dict[str, list[str]] = {
     "prompt + prior": [*PROMPT, "--prior_study", "True"],
     "prompt + indication + prior": [*PROMPT, *CONTEXT, "--prior_study", "True"],
     "PriorRG": ["--preset", "priorrg_demo"],
+    "prompt, extractor trained": [*PROMPT, "--cache_visual_features", "False"],  # the lesion rows' baseline
+    "prompt + lesion branch": [*PROMPT, "--lesion_branch", "True", "--cache_visual_features", "False"],
+    "prompt + lesion branch + alignment": [
+        *PROMPT,
+        "--lesion_branch",
+        "True",
+        "--lesion_alignment",
+        "True",
+        "--cache_visual_features",
+        "False",
+        "--context_text_encoder",
+        "offline-minilm",
+    ],
+    "D2R-Net": ["--preset", "d2r_demo"],
 }
 """Training recipes: extra `train.py` arguments on top of the demo preset (whose defaults switch on the diagnosis
 prompt and the sentence agreement; "diagnosis prompt" + "sentences agree with the classifier" is the demo preset).
 "PriorRG" is the `priorrg_demo` preset in two runs: `--stage pretrain`, then `--stage finetune` from its weights. The
-demo's priors carry no change statements in the text, so their rows test plumbing, not benefit."""
+demo's priors carry no change statements in the text, so their rows test plumbing, not benefit. The lesion rows read the
+demo's true boxes (D2R-Net's detector stage is `scripts/train_detector.py`); they train the extractor with the report
+model, as boxes follow each view's augmentation, so they take longer than the cached-feature demo; their baseline is
+"prompt, extractor trained", the same recipe without the lesion branch."""
 
 DECODING_VARIANTS: dict[str, list[str]] = {
     "trigram blocking": ["--no_repeat_ngram_size", "3"],
     "sentences agree with the classifier": ["--observation_sentences", "True"],
     "shuffled indication": ["--shuffle_indication", "True"],
+    "shuffled boxes": ["--shuffle_boxes", "True"],
 }
 """Generation settings applied to every trained checkpoint (extra `scripts/evaluate.py` arguments)."""
 

@@ -1,12 +1,16 @@
-"""Evaluate a CDAN or PriorRG checkpoint on a data set split, next to the paper's Table 1 and three reference points.
+"""Evaluate a CDAN, PriorRG or D2R-Net checkpoint on a data set split, next to the paper's Table 1 and three reference points.
 
     python scripts/evaluate.py --model outputs/demo --dataset_name demo
     python scripts/evaluate.py --model runs/iu_xray --dataset_name iu_xray --data_dir /data/iu_xray --num_beams 3
     python scripts/evaluate.py --model outputs/priorrg_demo --shuffle_indication True   # the shuffled-text control
+    python scripts/evaluate.py --model outputs/d2r_demo --shuffle_boxes True   # the shuffled-boxes control
 
 A model that reads the clinical context or the prior study (PriorRG, or CDAN with those switches) gets them from the
 data set's rows. `--shuffle_indication` gives each study the indication and history of another study (a seeded
-permutation), so a score that holds up without the study's own text comes from the images.
+permutation), so a score that holds up without the study's own text comes from the images. A model that reads lesion
+boxes (D2R-Net, or CDAN with `use_lesion_branch`) gets the rows' `boxes`; `--shuffle_boxes` gives every study another
+study's boxes (a seeded derangement: no study keeps its own; the coordinates are kept, and boxes reaching outside the
+new image are clipped or dropped by the processor), so a gain from the boxes is not mistaken for image reading.
 
 Writes `predictions.jsonl` (id, reference, generated), `metrics.json` and `metrics.md` under `--output_dir`
 (default: `<model>/eval_<split>`), and prints the Markdown table: BLEU-1..4, METEOR, ROUGE-L, CIDEr and clinical
@@ -60,6 +64,10 @@ class EvaluationArguments:
         default=False,
         metadata={"help": "Control: give every study another study's indication and history (seeded permutation)."},
     )
+    shuffle_boxes: bool = field(
+        default=False,
+        metadata={"help": "Control: give every study another study's lesion boxes (seeded; none keeps its own)."},
+    )
 
 
 def shuffle_clinical_context(split, seed: int):
@@ -72,6 +80,19 @@ def shuffle_clinical_context(split, seed: int):
     return split
 
 
+def shuffle_boxes(split, seed: int):
+    """`split` with its `boxes` column moved across studies by a seeded derangement (no study keeps its own boxes)."""
+    if "boxes" not in split.column_names:
+        raise ValueError("This split has no `boxes` column to shuffle (IU X-Ray / MIMIC-CXR need a boxes_file).")
+    if len(split) < 2:
+        raise ValueError("Shuffling boxes across studies needs at least two studies.")
+    permutation = np.random.default_rng(seed).permutation(len(split))
+    source = np.empty_like(permutation)
+    source[permutation] = np.roll(permutation, 1)  # study permutation[i] takes the boxes of permutation[i - 1]
+    boxes = split["boxes"]
+    return split.remove_columns("boxes").add_column("boxes", [boxes[index] for index in source.tolist()])
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
     model = load_report_model(args.model)
@@ -82,12 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_dict[args.split] = split.select(range(min(args.max_samples, len(split))))
     if args.shuffle_indication:
         dataset_dict[args.split] = shuffle_clinical_context(dataset_dict[args.split], args.seed)
+    if args.shuffle_boxes:
+        dataset_dict[args.split] = shuffle_boxes(dataset_dict[args.split], args.seed)
     reads = reads_study_details(model.config)
     collator = None
     if any(reads.values()):
         collator = CdanDataCollator(
             processor, include_reports=False, include_view_positions=reads["view_positions"],
-            include_context=reads["context"], include_prior=reads["prior"],
+            include_context=reads["context"], include_prior=reads["prior"], include_boxes=reads["boxes"],
             observation_names=getattr(model.config, "observation_names", None) or CdanDataCollator.observation_names,
         )  # fmt: skip
     if args.observation_sentences:
@@ -111,4 +134,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["EvaluationArguments", "main", "shuffle_clinical_context"]
+__all__ = ["EvaluationArguments", "main", "shuffle_boxes", "shuffle_clinical_context"]

@@ -7,9 +7,12 @@ the test split, and write its boxes for every split.
 A seeded `labelled_fraction` of the training studies keeps its boxes (the labelled images); the other training
 studies are the unlabelled images (their boxes are never read). Validation and test boxes are only used to evaluate.
 Writes under `--output_dir`: `metrics.json` (the settings, the training time, AP@0.5 per class and the mean over the
-classes with a test box), `history.jsonl` (losses per step), `detector.pt` (the state dict) and, unless
+classes with a test box), `history.jsonl` (losses per step), the detector (`detector.pt`, its state dict, and
+`detector_config.json`, its build arguments and labels; `detection_cdan.load_detector` reads them) and, unless
 `--skip_box_file`, `boxes.jsonl` (one line per image of every split: `study_id`, `split`, `image_index`, `view`,
 `image_size`, and the detections as `BOX_FEATURES` dicts with `source="pseudo"`; see `detection_cdan.write_box_file`).
+To write the box file of another data set (IU X-Ray, MIMIC-CXR) with the saved detector, run
+`scripts/predict_boxes.py --detector_dir <output_dir>`.
 """
 
 import json
@@ -32,6 +35,7 @@ from detection_cdan import (
     build_detector,
     predict,
     sample_from_boxes,
+    save_detector,
     train_teacher_student,
     write_box_file,
 )
@@ -123,7 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     detector, history = train_teacher_student(model, labelled, unlabelled, config)
     training_seconds = time.perf_counter() - start
-    torch.save(detector.state_dict(), output_dir / "detector.pt")
+    save_detector(
+        detector,
+        output_dir,
+        BOXED_OBSERVATIONS,
+        backbone=args.backbone,
+        image_size=args.detector_image_size,
+        focal_gamma=args.focal_gamma,
+    )
     with open(output_dir / "history.jsonl", "w", encoding="utf-8") as file:
         file.writelines(json.dumps(record) + "\n" for record in history)
     test = samples["test"]

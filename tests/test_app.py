@@ -191,3 +191,13 @@ def test_main_without_a_model_fails_with_a_message(monkeypatch, capsys):
     monkeypatch.delenv("CDAN_MODEL", raising=False)
     assert main([]) == 2
     assert "--model or $CDAN_MODEL" in capsys.readouterr().err
+
+
+def test_the_page_refuses_a_model_type_whose_inputs_it_does_not_take():
+    from types import SimpleNamespace
+
+    from app import build_demo
+
+    d2r_reporter = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(model_type="d2r_net")))
+    with pytest.raises(ValueError, match="serves CDAN checkpoints"):
+        build_demo(d2r_reporter)

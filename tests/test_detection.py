@@ -9,14 +9,21 @@ from torch import nn
 
 from data_cdan import LesionBox, load_cdan_dataset
 from detection_cdan import (
+    DetectionSample,
     FocalRoIHeads,
     average_precision,
     build_detector,
     ema_update,
     focal_loss,
+    load_detector,
+    predict,
+    predict_box_file,
     pseudo_targets,
+    save_detector,
     strong_augment,
+    to_model_input,
     weak_augment,
+    write_box_file,
 )
 from scripts.train_detector import main as train_detector_main
 from scripts.train_detector import select_labelled, split_samples
@@ -182,3 +189,62 @@ def test_two_step_semi_supervised_run_writes_a_valid_box_file(tmp_path):
             assert 0 <= box.x_min <= box.x_max <= line["image_size"][0]
     history = [json.loads(line) for line in (output_dir / "history.jsonl").read_text().splitlines()]
     assert "pseudo_boxes" not in history[0] and "pseudo_boxes" in history[1]
+
+
+def tiny_detector(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_detector(2, image_size=64).eval()
+
+
+def noise_samples(count: int) -> list[DetectionSample]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        DetectionSample(
+            torch.randint(0, 256, (48, 64), generator=generator, dtype=torch.uint8),
+            torch.zeros(0, 4),
+            torch.zeros(0, dtype=torch.int64),
+            {"study_id": f"s{index // 2}", "image_index": index % 2},
+        )
+        for index in range(count)
+    ]
+
+
+def box_corners(line: dict) -> torch.Tensor:
+    """The `(N, 4)` corners of the boxes of one box-file line."""
+    corners = [[box[name] for name in ("x_min", "y_min", "x_max", "y_max")] for box in line["boxes"]]
+    return torch.tensor(corners, dtype=torch.float32).reshape(-1, 4)
+
+
+def test_a_saved_detector_loads_with_its_weights_and_labels(tmp_path):
+    model = tiny_detector()
+    save_detector(model, tmp_path, ["Nodule", "Effusion"], image_size=64)
+    loaded, labels = load_detector(tmp_path)
+    assert labels == ["Nodule", "Effusion"]
+    assert not loaded.training
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0.0, atol=0.0)
+    image = [to_model_input(noise_samples(1)[0].image)]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image)[0]["boxes"], model(image)[0]["boxes"])
+
+
+def test_loading_a_detector_folder_without_its_config_names_the_file(tmp_path):
+    save_detector(tiny_detector(), tmp_path, ["Nodule", "Effusion"], image_size=64)
+    (tmp_path / "detector_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="detector_config.json not found"):
+        load_detector(tmp_path)
+
+
+def test_predict_box_file_streams_the_lines_write_box_file_writes(tmp_path):
+    model, samples, labels = tiny_detector(), noise_samples(5), ["Nodule", "Effusion"]
+    write_box_file(tmp_path / "expected.jsonl", samples, predict(model, samples, batch_size=5), labels)
+    counts = predict_box_file(model, iter(samples), labels, tmp_path / "streamed.jsonl", batch_size=2)
+    expected = [json.loads(line) for line in (tmp_path / "expected.jsonl").read_text().splitlines()]
+    streamed = [json.loads(line) for line in (tmp_path / "streamed.jsonl").read_text().splitlines()]
+    assert counts == {"images": 5, "boxes": sum(len(line["boxes"]) for line in expected)} and counts["boxes"] > 0
+    assert [line["study_id"] for line in streamed] == [line["study_id"] for line in expected]
+    for got, wanted in zip(streamed, expected):
+        assert got["image_size"] == wanted["image_size"] == [64, 48]
+        assert [box["label"] for box in got["boxes"]] == [box["label"] for box in wanted["boxes"]]
+        torch.testing.assert_close(box_corners(got), box_corners(wanted), atol=1e-4, rtol=0.0)
+    assert not (tmp_path / "streamed.jsonl.partial").exists()

@@ -1,11 +1,13 @@
 """Faster CPU inference (`inference_cdan.py`): int8 layers, the bfloat16 gate, compile, pipeline and CLI wiring."""
 
 import copy
+import fnmatch
 import importlib
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
 from torch import nn
 from torch._dynamo.testing import CompileCounter
@@ -15,7 +17,10 @@ from transformers import pipeline
 import cli_cdan
 import inference_cdan
 from inference_cdan import (
+    DEFAULT_INT8_SCOPE,
     INT8_KEPT_FLOAT_MODULES,
+    INT8_SCOPES,
+    NAMED_OPTIONS,
     InferenceOptions,
     cpu_flags,
     cpu_supports_bf16,
@@ -79,14 +84,60 @@ def generate(model: nn.Module) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_int8_replaces_every_linear_layer_outside_the_float_modules(model):
-    float_linear = linear_layer_names(model, CdanLinear) | linear_layer_names(model, nn.Linear)
-    quantized = optimize_for_inference(model, precision="int8")
+def float_linear_names(model: nn.Module) -> set[str]:
+    return linear_layer_names(model, CdanLinear) | linear_layer_names(model, nn.Linear)
+
+
+def test_int8_all_scope_replaces_every_linear_layer_outside_the_float_modules(model):
+    float_linear = float_linear_names(model)
+    quantized = optimize_for_inference(model, precision="int8", int8_scope="all")
     assert linear_layer_names(quantized, quantized_dynamic.Linear) == {
         name for name in float_linear if not kept_float(name)
     }
-    remaining = linear_layer_names(quantized, CdanLinear) | linear_layer_names(quantized, nn.Linear)
+    remaining = float_linear_names(quantized)
     assert remaining and all(kept_float(name) for name in remaining)
+
+
+def test_int8_default_scope_quantises_the_encoder_layers_and_the_cross_attention_only(model):
+    float_linear = float_linear_names(model)
+    quantized = optimize_for_inference(model, precision="int8")
+    expected = {name for name in float_linear if name.startswith("model.encoder.layers.") or ".encoder_attn." in name}
+    assert linear_layer_names(quantized, quantized_dynamic.Linear) == expected
+    decoder_linear = {name for name in float_linear if name.startswith("model.decoder.")}
+    assert float_linear_names(quantized) & decoder_linear == {
+        name for name in decoder_linear if ".self_attn." in name or ".feed_forward." in name
+    }
+
+
+@pytest.mark.parametrize("scope", list(INT8_SCOPES))
+def test_int8_scope_quantises_exactly_its_layers(model, scope):
+    def selected(name: str) -> bool:
+        return not kept_float(name) and any(fnmatch.fnmatchcase(name, pattern) for pattern in INT8_SCOPES[scope])
+
+    float_linear = float_linear_names(model)
+    quantized = optimize_for_inference(model, precision="int8", int8_scope=scope)
+    assert linear_layer_names(quantized, quantized_dynamic.Linear) == {name for name in float_linear if selected(name)}
+    assert float_linear_names(quantized) == {name for name in float_linear if not selected(name)}
+
+
+def test_int8_scope_is_recorded_on_the_prepared_model(model):
+    prepared = optimize_for_inference(model, precision="int8", int8_scope="decoder")
+    assert prepared.inference_options == InferenceOptions(precision="int8", int8_scope="decoder")
+
+
+def test_unknown_int8_scope_is_refused(model):
+    with pytest.raises(ValueError, match="Unknown int8_scope 'lm_head'"):
+        optimize_for_inference(model, precision="int8", int8_scope="lm_head")
+
+
+def test_int8_scope_without_int8_precision_is_refused(model):
+    with pytest.raises(ValueError, match="applies to precision='int8' only"):
+        optimize_for_inference(model, precision="fp32", int8_scope="all")
+
+
+def test_named_int8_options_take_the_default_and_the_all_scope():
+    assert NAMED_OPTIONS["int8"].int8_scope == DEFAULT_INT8_SCOPE == "encoder-and-cross-attention"
+    assert NAMED_OPTIONS["int8-all"] == InferenceOptions(precision="int8", int8_scope="all")
 
 
 def test_int8_leaves_the_original_model_unchanged(model):
@@ -261,6 +312,9 @@ def test_remote_code_pipeline_takes_precision(checkpoint, image):
     reporter = pipeline("image-to-text", model=str(checkpoint), trust_remote_code=True, precision="int8")
     assert type(reporter).__module__.startswith("transformers_modules")  # the checkpoint's copy, not this library
     assert reporter.model.inference_options.precision == "int8"
+    quantized = linear_layer_names(reporter.model, quantized_dynamic.Linear)  # the remote code's own `CdanLinear`s
+    in_default_scope = [name.startswith("model.encoder.layers.") or ".encoder_attn." in name for name in quantized]
+    assert quantized and all(in_default_scope)
     assert isinstance(reporter((str(image), str(image)))[0]["generated_text"], str)
 
 
@@ -318,8 +372,15 @@ def benchmark_row(variant: str, reports_per_second: float) -> dict:
     }
 
 
+def test_benchmark_int8_all_variant_quantises_with_the_all_scope(benchmark_generation, model):
+    benchmark_generation.VARIANTS["int8-all"](model)  # prepares the model in place
+    assert linear_layer_names(model, quantized_dynamic.Linear) == {
+        name for name in float_linear_names(tiny_model()) if not kept_float(name)
+    }
+
+
 def test_benchmark_offers_every_named_option_as_a_variant(benchmark_generation):
-    assert set(benchmark_generation.VARIANTS) == {*inference_cdan.NAMED_OPTIONS, "onnxruntime"}
+    assert set(benchmark_generation.VARIANTS) == {*inference_cdan.NAMED_OPTIONS, "onnxruntime", "onnxruntime-int8"}
 
 
 def test_benchmark_table_puts_each_variant_beside_fp32_with_its_speedup(benchmark_generation):
@@ -332,6 +393,66 @@ def test_benchmark_table_puts_each_variant_beside_fp32_with_its_speedup(benchmar
 def test_benchmark_table_of_fp32_rows_keeps_its_columns(benchmark_generation):
     header = benchmark_generation.results_table([benchmark_row("fp32", 2.0)]).splitlines()[0]
     assert header == "| stack | batch | beams | cache | reports/s | tokens/s | extractor share | peak RSS MB |"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# agreement script
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def check_inference_agreement(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    return importlib.import_module("check_inference_agreement")
+
+
+def test_agreement_int8_scopes_add_one_int8_row_per_scope(check_inference_agreement):
+    options = check_inference_agreement.options_to_run(["int8"], ["all", "decoder"])
+    assert options == {
+        "fp32": InferenceOptions(),
+        "int8": InferenceOptions(precision="int8"),
+        "int8 (all)": InferenceOptions(precision="int8", int8_scope="all"),
+        "int8 (decoder)": InferenceOptions(precision="int8", int8_scope="decoder"),
+    }
+
+
+def test_agreement_run_option_prepares_the_model_with_the_scope(check_inference_agreement, model, monkeypatch):
+    prepared = []
+
+    def recording_generate(model, processor, dataset, batch_size, **kwargs):
+        prepared.append(model)
+        return ["report"] * len(dataset), None
+
+    monkeypatch.setattr(check_inference_agreement, "generate_reports_and_disease_logits", recording_generate)
+    dataset = Dataset.from_dict({"id": ["a", "b"]})
+    options = InferenceOptions(precision="int8", int8_scope="decoder-feed-forward")
+    result = check_inference_agreement.run_option(model, None, dataset, options, batch_size=2)
+    assert result["reports"] == ["report", "report"] and result["cpu_seconds"] >= 0
+    assert prepared[-1].inference_options == options
+    assert linear_layer_names(prepared[-1], quantized_dynamic.Linear) == {
+        name for name in float_linear_names(model) if ".feed_forward." in name and name.startswith("model.decoder.")
+    }
+
+
+@pytest.mark.parametrize("int8_scope", [None, "all"])
+def test_agreement_onnx_rows_quantise_the_export_with_their_scope(check_inference_agreement, monkeypatch, int8_scope):
+    import onnx_cdan
+
+    calls = []
+    monkeypatch.setattr(onnx_cdan, "export_onnx", lambda model, folder, processor: calls.append(("export", None)))
+    monkeypatch.setattr(onnx_cdan, "quantize_onnx_int8", lambda folder, scope: calls.append(("quantize", scope)))
+    monkeypatch.setattr(onnx_cdan, "OnnxReportGenerator", lambda folder, num_threads: "generator")
+
+    def recording_generate(generator, model, processor, dataset, batch_size, **kwargs):
+        calls.append(("generate", generator))
+        return ["report"] * len(dataset)
+
+    monkeypatch.setattr(check_inference_agreement, "generate_onnx_reports", recording_generate)
+    dataset = Dataset.from_dict({"id": ["a", "b", "c"]})
+    result = check_inference_agreement.run_onnx_option(None, None, dataset, int8_scope, batch_size=2)
+    quantized = [("quantize", int8_scope)] if int8_scope else []
+    assert calls == [("export", None), *quantized, ("generate", "generator"), ("generate", "generator")]
+    assert result["reports"] == ["report"] * 3
 
 
 __all__ = []

@@ -11,13 +11,8 @@ from transformers.generation.configuration_utils import GenerationMode
 
 import modeling_cdan
 from configuration_cdan import ABLATIONS, MODEL_SIZES, CdanConfig
-from modeling_cdan import (
-    CdanForConditionalGeneration,
-    CdanNegativeAttention,
-    CdanAttention,
-    CdanLinear,
-    CdanVisualExtractor,
-)
+from layers_cdan import CdanAttention, CdanLinear, CdanVisualExtractor, sinusoidal_positions
+from modeling_cdan import CdanForConditionalGeneration, CdanNegativeAttention
 
 
 def tiny_config(**overrides) -> CdanConfig:
@@ -449,7 +444,7 @@ def test_offline_download_failure_says_how_to_pass_local_weights(monkeypatch):
             raise ConnectionError("no network")
         return timm.models.create_model(*args, **kwargs)
 
-    monkeypatch.setattr("modeling_cdan.timm.create_model", offline_create_model)
+    monkeypatch.setattr("layers_cdan.timm.create_model", offline_create_model)
     with pytest.raises(OSError, match="visual_extractor_weights"):
         extractor.load_pretrained_weights()
 
@@ -580,7 +575,7 @@ def test_segment_embeddings_mark_the_three_streams_of_the_encoder_input():
     model = tiny_model().eval()
     streams = reverse_attention_streams(model)
     u_s, num_patches = streams["u_s"], streams["u_p"].shape[1]
-    positions = modeling_cdan.sinusoidal_positions(u_s.shape[1], u_s.shape[2], u_s.device, u_s.dtype)
+    positions = sinusoidal_positions(u_s.shape[1], u_s.shape[2], u_s.device, u_s.dtype)
     segments = model.model.encoder.segment_embeddings.weight
     expected_segments = torch.cat([segments[0].expand(num_patches, -1), segments[1].expand(num_patches, -1),
                                    segments[2].expand(u_s.shape[1] - 2 * num_patches, -1)])  # fmt: skip

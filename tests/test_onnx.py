@@ -6,11 +6,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from torch import nn
 
 from modeling_cdan import CdanForConditionalGeneration
-from onnx_cdan import DECODER_STEP_FILE, OnnxReportGenerator, export_onnx
+from onnx_cdan import (
+    DECODER_STEP_FILE,
+    ENCODER_FILE,
+    OnnxReportGenerator,
+    export_onnx,
+    linear_module_name,
+    quantize_onnx_int8,
+)
 from test_modeling import study_batch, tiny_model
 
 
@@ -224,6 +233,86 @@ def test_a_missing_onnxruntime_names_the_install_command(onnx_folder, monkeypatc
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "cdan-report\[onnx\]"'):
         OnnxReportGenerator(onnx_folder)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# int8 quantisation with ONNX Runtime
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def linear_names(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def graph_op_count(path: Path, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in onnx.load(path).graph.node)
+
+
+@pytest.fixture(scope="module")
+def int8_folder(onnx_folder, tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    folder = tmp_path_factory.mktemp("onnx_int8") / "export"
+    shutil.copytree(onnx_folder, folder)
+    return folder, quantize_onnx_int8(folder)
+
+
+def test_exported_linear_nodes_are_named_as_the_model_s_modules(model, onnx_folder):
+    decoder_nodes = onnx.load(onnx_folder / DECODER_STEP_FILE).graph.node
+    named = {linear_module_name(node) for node in decoder_nodes} - {None}
+    decoder_linear = {name for name in linear_names(model) if name.startswith("model.decoder.") or name == "lm_head"}
+    cross_key_values = {
+        name for name in decoder_linear if ".encoder_attn." in name and name.endswith(("k_proj", "v_proj"))
+    }
+    assert named == decoder_linear - cross_key_values  # the encoder graph projects the memory's keys and values
+
+
+def test_int8_onnx_quantises_the_default_scope_s_linear_layers(model, int8_folder):
+    folder, quantized = int8_folder
+    linear = linear_names(model)
+    cross_attention = {name for name in linear if ".encoder_attn." in name}
+    assert set(quantized[ENCODER_FILE]) == {name for name in linear if name.startswith("model.encoder.layers.")} | {
+        name for name in cross_attention if name.endswith(("k_proj", "v_proj"))
+    }
+    per_step = {name for name in cross_attention if name.endswith(("q_proj", "out_proj"))}
+    assert set(quantized[DECODER_STEP_FILE]) == per_step
+    for file_name, names in quantized.items():
+        assert graph_op_count(folder / file_name, "MatMulInteger") == len(names)
+
+
+def test_int8_onnx_keeps_the_language_model_head_in_float(int8_folder):
+    folder, _ = int8_folder
+    head_nodes = [
+        node for node in onnx.load(folder / DECODER_STEP_FILE).graph.node if linear_module_name(node) == "lm_head"
+    ]
+    assert [node.op_type for node in head_nodes] == ["MatMul"]
+
+
+def test_int8_onnx_decoder_step_logits_stay_close_to_float(onnx_folder, int8_folder):
+    pixel_values = distinct_studies(2)
+    float_generator, int8_generator = OnnxReportGenerator(onnx_folder, 1), OnnxReportGenerator(int8_folder[0], 1)
+    logits = []
+    for generator in (float_generator, int8_generator):
+        encoded = generator.encode(pixel_values.numpy())
+        cross = {name: encoded[name] for name in generator.metadata["encoder_outputs"] if name.startswith("cross_")}
+        input_ids = np.array([[1, 5, 9, 12], [1, 7, 3, 20]], dtype=np.int64)  # (N, T)
+        logits.append(generator.decoder_step(input_ids, generator.empty_past(2), cross)[0])  # (N, T, V)
+    relative_error = np.linalg.norm(logits[1] - logits[0]) / np.linalg.norm(logits[0])
+    assert 0 < relative_error < 0.1
+
+
+def test_int8_onnx_generates_reports_of_valid_tokens(model, int8_folder):
+    sequences = OnnxReportGenerator(int8_folder[0], 1).generate(distinct_studies(3), num_beams=2)
+    assert sequences.shape[0] == 3 and sequences.shape[1] <= MAX_LENGTH
+    assert ((sequences >= 0) & (sequences < model.config.vocab_size)).all()
+
+
+def test_int8_onnx_refuses_a_folder_already_quantised(int8_folder):
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_onnx_int8(int8_folder[0])
+
+
+def test_int8_onnx_refuses_an_unknown_scope(onnx_folder):
+    with pytest.raises(ValueError, match="Unknown int8_scope 'everything'"):
+        quantize_onnx_int8(onnx_folder, "everything")
 
 
 def test_importing_onnx_cdan_imports_no_onnx_package():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_train import TINY_MODEL_FLAGS, r2gen_fixture, run_main_for_one_step  # noqa: F401 (pytest fixture)
 
 import train
-from trainer_priorrg import ContrastivePretrainingCollator, PriorRGTrainer, retrieval_recall
+from trainer_priorrg import ContrastivePretrainingCollator, PriorRGPretrainer, PriorRGTrainer, retrieval_recall
 
 PRIORRG_FLAGS = [
     "--model_type", "priorrg", "--priorrg_size", "demo", "--vision_model", "none",
@@ -127,6 +127,28 @@ def test_stage_two_trainer_gives_the_decoder_and_the_rest_their_own_learning_rat
     assert (decoder_group["lr"], rest_group["lr"]) == (5e-5, 5e-6)
     assert {id(parameter) for parameter in decoder_group["params"]} == decoder_ids
     assert id(model.encoder.perceiver.latents) in {id(parameter) for parameter in rest_group["params"]}
+
+
+@pytest.mark.parametrize("trainer_class", [PriorRGPretrainer, PriorRGTrainer])
+@pytest.mark.parametrize("reload", ["best_model", "resume"])
+def test_trainer_reloads_every_weight_of_a_checkpoint_including_the_vision_attention(trainer_class, reload, tmp_path):
+    from test_priorrg import tiny_priorrg
+
+    model = tiny_priorrg()
+    model.save_pretrained(tmp_path / "checkpoint-1")  # DINOv2's attention is saved under its original names
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # the weights of a later step
+    args = train.CdanTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = trainer_class(model=model, args=args)
+    if reload == "best_model":
+        trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")
+        trainer._load_best_model()
+    else:
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
+    changed = [name for name, value in model.state_dict().items() if not torch.equal(value, saved[name])]
+    assert changed == []
 
 
 def test_contrastive_collator_embeds_findings_behind_the_report_tag(stage_one):
