@@ -213,6 +213,10 @@ class RelationalMemoryCache(EncoderDecoderCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
+        self.reorder_memory(beam_idx)
+
+    def reorder_memory(self, beam_idx: torch.LongTensor) -> None:
+        """Move the relational memory with the beams (the self-attention cache moves separately)."""
         if self.memory is not None:
             self.memory = self.memory.index_select(0, beam_idx.to(self.memory.device))
 
@@ -620,8 +624,8 @@ class D2RNetForConditionalGeneration(SharedMemoryGenerationMixin, D2RNetPreTrain
     def _reorder_cache(self, cache: RelationalMemoryCache, beam_idx: torch.LongTensor) -> RelationalMemoryCache:
         """Beams of a study share its memory: reorder the self-attention cache and the relational memory only."""
         cache.self_attention_cache.reorder_cache(beam_idx)
-        if isinstance(cache, RelationalMemoryCache) and cache.memory is not None:
-            cache.memory = cache.memory.index_select(0, beam_idx.to(cache.memory.device))
+        if isinstance(cache, RelationalMemoryCache):
+            cache.reorder_memory(beam_idx)
         return cache
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
