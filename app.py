@@ -43,8 +43,8 @@ from transformers import HfArgumentParser
 
 from cli_cdan import load_reporter
 from heatmaps_cdan import overlay_heatmap
+from image_processing_cdan import load_image
 from pipeline_cdan import CdanReportPipeline
-from processing_cdan import load_image
 
 
 MODEL_ENVIRONMENT_VARIABLE = "CDAN_MODEL"

@@ -139,7 +139,7 @@ class DicomImage:
 
     def to_pil(self) -> PIL.Image.Image:
         """
-        The image as an 8-bit RGB PIL image (grey replicated to three channels), as `processing_cdan.load_image`
+        The image as an 8-bit RGB PIL image (grey replicated to three channels), as `image_processing_cdan.load_image`
         returns images.
 
         Returns:

@@ -534,8 +534,8 @@ class CdanReportPipeline(Pipeline):
         """
         Save everything a Hub repository needs: `config.json` with `auto_map` and `custom_pipelines`, safetensors
         weights, `generation_config.json`, the processor and tokenizer files, the remote-code files
-        (`configuration_cdan.py`, `modeling_cdan.py`, `processing_cdan.py`, `dicom_cdan.py`, `pipeline_cdan.py`) and a
-        model card.
+        (`configuration_cdan.py`, `modeling_cdan.py`, `processing_cdan.py`, `image_processing_cdan.py`,
+        `tokenization_cdan.py`, `dicom_cdan.py`, `pipeline_cdan.py`) and a model card.
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder to write.

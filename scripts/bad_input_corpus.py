@@ -111,9 +111,10 @@ class Workspace:
         import torch
 
         from configuration_cdan import CdanConfig
+        from image_processing_cdan import CdanImageProcessor
         from modeling_cdan import CdanForConditionalGeneration
         from pipeline_cdan import save_checkpoint
-        from processing_cdan import CdanImageProcessor, CdanProcessor
+        from processing_cdan import CdanProcessor
 
         processor = CdanProcessor.from_reports(
             list(TINY_REPORTS) * 3,
@@ -446,9 +447,9 @@ def add_pipeline_cases() -> None:
         processor_call(images=[(frontal, lateral), (lateral, frontal)], text=["The lungs are clear."]))
     add(area, "processor max_length=0", "error", processor_call(text=["The lungs are clear."], max_length=0))
     add(area, "image processor image_size=0", "error",
-        lambda ws: __import__("processing_cdan").CdanImageProcessor(image_size=0))
+        lambda ws: __import__("image_processing_cdan").CdanImageProcessor(image_size=0))
     add(area, "image processor num_views=0", "error",
-        lambda ws: __import__("processing_cdan").CdanImageProcessor(num_views=0))
+        lambda ws: __import__("image_processing_cdan").CdanImageProcessor(num_views=0))
     add(area, "image processor unknown argument", "error",
         lambda ws: ws.processor.image_processor(frontal, resample="nearest"))
     add(area, "generate without pixel_values", "error", model_generate(lambda ws: None))

@@ -6,8 +6,8 @@ does, timing each phase:
 1. import torch;
 2. import transformers' pipeline machinery (`from transformers import pipeline`);
 3. load: `pipeline("image-to-text", model=<checkpoint>, trust_remote_code=True)`, which imports the checkpoint's
-   copies of `configuration_cdan.py`, `modeling_cdan.py`, `processing_cdan.py` and `pipeline_cdan.py` (and timm,
-   torchvision's transforms) and reads the weights;
+   copies of `configuration_cdan.py`, `modeling_cdan.py`, `processing_cdan.py` (with `image_processing_cdan.py` and
+   `tokenization_cdan.py`) and `pipeline_cdan.py` (and timm, torchvision's transforms) and reads the weights;
 4. the first report: one two-view study (two 512 px greyscale PNGs), with the checkpoint's generation settings.
 
 "Time to first report" runs from the moment the parent starts the process to the end of phase 4, so it includes the

@@ -209,7 +209,7 @@ class StudyViews:
     def __getitem__(self, index):
         import torch
 
-        from processing_cdan import load_image
+        from image_processing_cdan import load_image
 
         return torch.stack([self.transform(load_image(image)) for image in self.dataset[index]["images"]])
 
@@ -219,7 +219,7 @@ def benchmark_loader(work: Path, studies: int, workers: int, batch_size: int) ->
     import torch
     from data_cdan import load_cdan_dataset
     from data_cdan.testing import load_annotation, real_pngs
-    from processing_cdan import CdanImageProcessor
+    from image_processing_cdan import CdanImageProcessor
 
     datasets.disable_progress_bars()
     annotation = load_annotation()

@@ -32,7 +32,9 @@ head), `bf16` (bfloat16 autocast; a CPU without AVX512-BF16 or AMX skips the row
 visual extractor compiled; the warm-up call compiles), `int8+compile`, `bf16+compile`, `onnxruntime` (the model
 exported with `onnx_cdan.export_onnx` and decoded by `OnnxReportGenerator` with its key/value cache; the export counts
 in the build time, and the extractor share is not reported), and `onnxruntime-int8` (the same with the linear layers of
-`int8`'s scope quantised by ONNX Runtime, `onnx_cdan.quantize_onnx_int8`). `VARIANTS` maps each name to a function that
+`int8`'s scope quantised by ONNX Runtime, `onnx_cdan.quantize_onnx_int8`), and `onnxruntime-int8-static` (that, with
+the visual extractor's convolutions in static int8 as well, `onnx_cdan.quantize_onnx_extractor_int8`, calibrated on
+random views). `VARIANTS` maps each name to a function that
 prepares the model and returns a `generate`-like callable: a new backend is one more entry there. The stock stack runs
 as it is.
 
@@ -267,17 +269,30 @@ def optimized_variant(options: InferenceOptions) -> Callable[[nn.Module], tuple[
     return prepare
 
 
-def onnx_runtime_variant(model: nn.Module, int8: bool = False) -> tuple[GenerateFunction, None]:
+CALIBRATION_BATCHES = 2
+"""Batches of random views that calibrate the static int8 extractor of `onnxruntime-int8-static` (speed only: a random
+model on random views; `scripts/check_inference_agreement.py` calibrates a trained one on its training split)."""
+
+
+def onnx_runtime_variant(
+    model: nn.Module, int8: bool = False, static_extractor: bool = False
+) -> tuple[GenerateFunction, None]:
     """
     The model exported to ONNX (`onnx_cdan.export_onnx`, into a temporary folder, counted in the build time) and run
-    by ONNX Runtime with as many threads as torch; with `int8`, the linear layers of the default int8 scope are then
-    quantised by ONNX Runtime (`onnx_cdan.quantize_onnx_int8`). ORT always decodes with its key/value cache; the
-    `use_cache` and `do_sample` arguments of the benchmark's calls are dropped (sampling is never asked for).
+    by ONNX Runtime with as many threads as torch; with `static_extractor`, its visual extractor is quantised to static
+    int8, calibrated on `CALIBRATION_BATCHES` batches of random views (`onnx_cdan.quantize_onnx_extractor_int8`); with
+    `int8`, the linear layers of the default int8 scope are quantised by ONNX Runtime (`onnx_cdan.quantize_onnx_int8`).
+    ORT always decodes with its key/value cache; the `use_cache` and `do_sample` arguments of the benchmark's calls are
+    dropped (sampling is never asked for).
     """
-    from onnx_cdan import OnnxReportGenerator, export_onnx, quantize_onnx_int8
+    from onnx_cdan import OnnxReportGenerator, export_onnx, quantize_onnx_extractor_int8, quantize_onnx_int8
 
     folder = Path(tempfile.mkdtemp(prefix="cdan_onnx_"))
     export_onnx(model, folder)
+    if static_extractor:
+        generator = torch.Generator().manual_seed(1)
+        batches = [benchmark_inputs("cdan", 8, generator)["pixel_values"] for _ in range(CALIBRATION_BATCHES)]
+        quantize_onnx_extractor_int8(folder, batches)
     if int8:
         quantize_onnx_int8(folder)
     generator = OnnxReportGenerator(folder, num_threads=torch.get_num_threads())
@@ -293,6 +308,7 @@ VARIANTS: dict[str, Callable[[nn.Module], tuple[GenerateFunction, nn.Module | No
     **{name: optimized_variant(options) for name, options in NAMED_OPTIONS.items() if not options.is_default},
     "onnxruntime": onnx_runtime_variant,
     "onnxruntime-int8": functools.partial(onnx_runtime_variant, int8=True),
+    "onnxruntime-int8-static": functools.partial(onnx_runtime_variant, int8=True, static_extractor=True),
 }
 """CDAN variants of `--variants`: each takes the float32 eager model and returns a `generate`-like callable and the
 module to time as the visual extractor (`None` where it cannot be hooked: the extractor share is then not reported). A

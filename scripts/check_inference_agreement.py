@@ -4,6 +4,8 @@
     python scripts/check_inference_agreement.py --model runs/iu_xray --dataset_name iu_xray --data_dir /data/iu_xray
     python scripts/check_inference_agreement.py --options fp32 int8 --threads 2 --max_samples 64
     python scripts/check_inference_agreement.py --options int8 --int8_scopes all decoder encoder   # what to quantise
+    python scripts/check_inference_agreement.py --options fp32 --onnxruntime_int8_scopes encoder-and-cross-attention \
+        --onnxruntime_extractor_int8_scopes none encoder-and-cross-attention --threads 1   # ONNX Runtime, int8
 
 For the checkpoint and each option of `inference_cdan.NAMED_OPTIONS` asked for (`--options`; float32 always runs
 first, as the reference), the split's reports are generated with `evaluation_cdan.generate_reports_and_disease_logits`
@@ -15,7 +17,10 @@ without AVX512-BF16 or AMX) is listed below the table with the reason. `--int8_s
 `inference_cdan.INT8_SCOPES` (`int8 (all)`, ...: which linear layers are quantised), to choose what to quantise.
 `--onnxruntime_int8_scopes` adds an `onnxruntime` row (the model exported with `onnx_cdan.export_onnx` and decoded by
 ONNX Runtime) and one `onnxruntime-int8 (scope)` row per scope (the export quantised by
-`onnx_cdan.quantize_onnx_int8`).
+`onnx_cdan.quantize_onnx_int8`). `--onnxruntime_extractor_int8_scopes none encoder-and-cross-attention` adds
+`onnxruntime-int8 (extractor)` and `onnxruntime-int8 (extractor + encoder-and-cross-attention)`: the visual extractor
+in static int8 (`onnx_cdan.quantize_onnx_extractor_int8`, calibrated on `--calibration_studies` studies of
+`--calibration_split`), alone or with that scope's linear layers in dynamic int8.
 
 Reports per second cover preprocessing and generation of the whole split, after one untimed warm-up batch (which
 compiles, for the `compile` options); a last batch of another size than the others compiles again. CPU seconds (of
@@ -34,9 +39,9 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark_utils import markdown_table
 from tqdm.auto import tqdm
 
-from benchmark_utils import markdown_table
 from consistency_cdan import align_reports_with_classifier
 from data_cdan import load_cdan_dataset
 from evaluation_cdan import compute_clinical_efficacy, generate_reports_and_disease_logits, reference_reports
@@ -44,8 +49,9 @@ from inference_cdan import INT8_SCOPES, NAMED_OPTIONS, InferenceOptions, optimiz
 from modeling_cdan import CdanForConditionalGeneration
 from processing_cdan import CdanProcessor
 
-
 REFERENCE_OPTION = "fp32"
+NO_SCOPE = "none"
+"""`--onnxruntime_extractor_int8_scopes` value for the static int8 extractor alone."""
 
 
 def identical_fraction(reports: list[str], reference: list[str]) -> float:
@@ -119,18 +125,44 @@ def generate_onnx_reports(generator, model, processor, dataset, batch_size: int,
     return reports
 
 
-def run_onnx_option(model, processor, dataset, int8_scope: str | None, batch_size: int, **generation_kwargs) -> dict:
+def onnx_label(int8_scope: str | None, extractor_int8: bool) -> str:
+    """The table's name of an ONNX Runtime row: float32, or what is quantised."""
+    quantized = (["extractor"] if extractor_int8 else []) + ([int8_scope] if int8_scope else [])
+    return f"onnxruntime-int8 ({' + '.join(quantized)})" if quantized else "onnxruntime"
+
+
+def run_onnx_option(
+    model,
+    processor,
+    dataset,
+    int8_scope: str | None,
+    batch_size: int,
+    calibration_dataset=None,
+    calibration_method: str = "MinMax",
+    **generation_kwargs,
+) -> dict:
     """
-    Export `model` to ONNX (into a temporary folder), quantise it with `int8_scope` unless `None`, and generate the
-    split's reports with ONNX Runtime (as many threads as torch), after one warm-up batch.
+    Export `model` to ONNX (into a temporary folder); with `calibration_dataset`, quantise its visual extractor to
+    static int8 calibrated on those studies (`onnx_cdan.quantize_onnx_extractor_int8`); quantise the linear layers of
+    `int8_scope` unless `None` (`onnx_cdan.quantize_onnx_int8`); then generate the split's reports with ONNX Runtime
+    (as many threads as torch), after one warm-up batch.
 
     Returns:
         `dict`: `reports`, `seconds` and `cpu_seconds`, as [`run_option`].
     """
-    from onnx_cdan import OnnxReportGenerator, export_onnx, quantize_onnx_int8
+    from onnx_cdan import (
+        OnnxReportGenerator,
+        calibration_batches,
+        export_onnx,
+        quantize_onnx_extractor_int8,
+        quantize_onnx_int8,
+    )
 
     with tempfile.TemporaryDirectory(prefix="cdan_onnx_") as folder:
         export_onnx(model, folder, processor=processor)
+        if calibration_dataset is not None:
+            batches = calibration_batches(processor, calibration_dataset["images"], batch_size)
+            quantize_onnx_extractor_int8(folder, batches, calibration_method)
         if int8_scope is not None:
             quantize_onnx_int8(folder, int8_scope)
         generator = OnnxReportGenerator(folder, num_threads=torch.get_num_threads())
@@ -201,6 +233,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(INT8_SCOPES),
         help="also run ONNX Runtime, in float32 and quantised with each of these scopes (quantize_onnx_int8)",
     )
+    parser.add_argument(
+        "--onnxruntime_extractor_int8_scopes",
+        nargs="+",
+        default=[],
+        choices=[NO_SCOPE, *INT8_SCOPES],
+        help="also run ONNX Runtime with the visual extractor in static int8 (quantize_onnx_extractor_int8), and the "
+        f"linear layers of each of these scopes in dynamic int8 ({NO_SCOPE!r}: none)",
+    )
+    parser.add_argument("--calibration_split", default="train", help="split whose studies calibrate static int8")
+    parser.add_argument("--calibration_studies", type=int, default=64, help="studies that calibrate static int8")
+    parser.add_argument(
+        "--calibration_method", default="Percentile", help="onnxruntime.quantization.CalibrationMethod of static int8"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="studies per generate() call")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size; the checkpoint's by default")
     parser.add_argument("--max_length", type=int, default=None, help="longest report; the checkpoint's by default")
@@ -238,11 +283,23 @@ def main(argv: list[str] | None = None) -> int:
             if name == REFERENCE_OPTION:
                 raise
             skipped[name] = str(error)
-    onnx_scopes = {"onnxruntime": None} if args.onnxruntime_int8_scopes else {}
-    onnx_scopes.update({f"onnxruntime-int8 ({scope})": scope for scope in args.onnxruntime_int8_scopes})
-    for name, scope in onnx_scopes.items():
+    onnx_runs = [(None, False)] if args.onnxruntime_int8_scopes or args.onnxruntime_extractor_int8_scopes else []
+    onnx_runs += [(scope, False) for scope in args.onnxruntime_int8_scopes]
+    onnx_runs += [(None if scope == NO_SCOPE else scope, True) for scope in args.onnxruntime_extractor_int8_scopes]
+    calibration_dataset = None
+    if args.onnxruntime_extractor_int8_scopes:
+        calibration_dataset = load_cdan_dataset(args.dataset_name, data_dir=args.data_dir)[args.calibration_split]
+        calibration_dataset = calibration_dataset.select(
+            range(min(args.calibration_studies, len(calibration_dataset)))
+        )
+    for scope, extractor_int8 in onnx_runs:
+        name = onnx_label(scope, extractor_int8)
         print(f"{name}: generating {len(dataset)} reports", file=sys.stderr, flush=True)
-        results[name] = run_onnx_option(model, processor, dataset, scope, args.batch_size, **generation_kwargs)
+        results[name] = run_onnx_option(
+            model, processor, dataset, scope, args.batch_size,
+            calibration_dataset=calibration_dataset if extractor_int8 else None,
+            calibration_method=args.calibration_method, **generation_kwargs,
+        )  # fmt: skip
     table, numbers = agreement_table(results, reference_reports(processor, dataset))
     print(table)
     for name, reason in skipped.items():
@@ -273,6 +330,7 @@ __all__ = [
     "identical_fraction",
     "int8_scope_label",
     "main",
+    "onnx_label",
     "options_to_run",
     "run_onnx_option",
     "run_option",

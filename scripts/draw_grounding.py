@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from cli_cdan import load_reporter
-from processing_cdan import load_image
+from image_processing_cdan import load_image
 
 BOX_COLOUR = (160, 160, 160)
 """Outline of the boxes no sentence picks first."""

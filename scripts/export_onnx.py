@@ -7,7 +7,14 @@ Writes the folder described in `onnx_cdan.py` (`encoder.onnx`, `decoder_step.onn
 processor, `onnx_cdan.json`), prints the size of each file, then writes reports for `--parity_studies` studies of
 random images (through the exported processor) with `OnnxReportGenerator.generate()` and the PyTorch model's
 `generate()`, greedy and with `--num_beams`, and prints whether the tokens agree and how far the encoder outputs are
-apart. It exits with status 1 when a parity check fails.
+apart. It exits with status 1 when a parity check fails. The parity check runs on the float32 export; then
+`--extractor_int8_calibration demo` quantises the visual extractor to static int8, calibrated on `--calibration_studies`
+studies of that data set's training split (`onnx_cdan.quantize_onnx_extractor_int8`), and `--int8_scope
+encoder-and-cross-attention` quantises those linear layers to dynamic int8 (`onnx_cdan.quantize_onnx_int8`); the
+fastest CPU path of the README:
+
+    python scripts/export_onnx.py --model outputs/demo --output_dir outputs/demo-onnx-int8 \\
+        --extractor_int8_calibration demo --int8_scope encoder-and-cross-attention
 """
 
 import sys
@@ -17,11 +24,18 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from benchmark_utils import markdown_table
 from transformers import HfArgumentParser
 
-from benchmark_utils import markdown_table
+from inference_cdan import INT8_SCOPES
 from modeling_cdan import CdanForConditionalGeneration
-from onnx_cdan import OnnxReportGenerator, export_onnx
+from onnx_cdan import (
+    OnnxReportGenerator,
+    calibration_batches,
+    export_onnx,
+    quantize_onnx_extractor_int8,
+    quantize_onnx_int8,
+)
 from processing_cdan import CdanProcessor
 
 
@@ -37,6 +51,29 @@ class ExportArguments:
     num_beams: int = field(default=3, metadata={"help": "Beam size of the beam-search parity check."})
     threads: int = field(default=2, metadata={"help": "Threads of PyTorch and ONNX Runtime in the parity check."})
     seed: int = field(default=0, metadata={"help": "Seed of the random images."})
+    int8_scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the parity check, quantise the linear layers of this scope (inference_cdan.INT8_SCOPES) "
+            "to dynamic int8 with ONNX Runtime.",
+            "choices": list(INT8_SCOPES),
+        },
+    )
+    extractor_int8_calibration: str | None = field(
+        default=None,
+        metadata={
+            "help": "After the parity check, quantise the visual extractor to static int8, calibrated on studies of "
+            "this data set (demo, iu_xray or mimic_cxr)."
+        },
+    )
+    calibration_data_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the calibration data set (not for the demo)."}
+    )
+    calibration_split: str = field(default="train", metadata={"help": "Split whose studies calibrate static int8."})
+    calibration_studies: int = field(default=64, metadata={"help": "Studies that calibrate static int8."})
+    calibration_method: str = field(
+        default="Percentile", metadata={"help": "onnxruntime.quantization.CalibrationMethod of static int8."}
+    )
 
 
 def random_studies(processor: CdanProcessor | None, num_studies: int, num_views: int, image_size: int, seed: int):
@@ -93,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nONNX export written to {output_dir}\n")
     print(markdown_table(("file", "size"), file_size_rows(output_dir)))
     if args.parity_studies < 1:
+        quantize(args, processor, output_dir)
         return 0
 
     generator = OnnxReportGenerator(output_dir, num_threads=args.threads)
@@ -107,7 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     rows = parity_rows(model, generator, pixel_values, args.num_beams)
     print(f"\nParity on {args.parity_studies} studies of random images\n")
     print(markdown_table(("check", "result", "pass"), rows))
-    return 0 if all(passed for _, _, passed in rows) else 1
+    passed = all(passed for _, _, passed in rows)
+    quantize(args, processor, output_dir)
+    return 0 if passed else 1
+
+
+def quantize(args: ExportArguments, processor: CdanProcessor | None, output_dir: Path) -> None:
+    """The int8 steps asked for, in place on the checked export: the static int8 extractor, then the linear layers."""
+    if args.extractor_int8_calibration is not None:
+        if processor is None:
+            raise ValueError("Calibrating the static int8 extractor needs the checkpoint's processor.")
+        from data_cdan import load_cdan_dataset  # training-side data code, only for calibration
+
+        split = load_cdan_dataset(args.extractor_int8_calibration, data_dir=args.calibration_data_dir)
+        studies = split[args.calibration_split]
+        studies = studies.select(range(min(args.calibration_studies, len(studies))))
+        batches = calibration_batches(processor, studies["images"])
+        quantize_onnx_extractor_int8(output_dir, batches, args.calibration_method)
+        print(f"\nVisual extractor quantised to static int8, calibrated on {len(studies)} studies of "
+              f"{args.extractor_int8_calibration}/{args.calibration_split} ({args.calibration_method}).")  # fmt: skip
+    if args.int8_scope is not None:
+        quantized = quantize_onnx_int8(output_dir, args.int8_scope)
+        count = sum(len(names) for names in quantized.values())
+        print(f"\n{count} linear layers of scope {args.int8_scope!r} quantised to dynamic int8.")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 import pytest
 from PIL import Image
 
+from image_processing_cdan import CdanImageProcessor
 from pipeline_cdan import CdanReportPipeline
-from processing_cdan import CdanImageProcessor, CdanProcessor
+from processing_cdan import CdanProcessor
 from test_pipeline import REPORTS, tiny_processor, tiny_report_model
 
 

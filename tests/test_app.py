@@ -18,8 +18,8 @@ from PIL import Image
 from app import HEATMAP_SIDE, build_demo, main, report_study
 from cli_cdan import load_reporter
 from heatmaps_cdan import overlay_heatmap
+from image_processing_cdan import load_image
 from pipeline_cdan import save_checkpoint
-from processing_cdan import load_image
 from test_anonymisation_token import processor_with_anonymisation_words
 from test_cli import write_png
 from test_dicom import build_dataset, ramp, save

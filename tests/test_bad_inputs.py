@@ -115,7 +115,7 @@ def test_a_result_without_the_expected_error_or_warning_is_silent(bad_inputs):
 
 def test_warnings_count_when_project_code_gives_them(bad_inputs, corpus, tmp_path):
     def warn_from_project(workspace):
-        from processing_cdan import CdanImageProcessor
+        from image_processing_cdan import CdanImageProcessor
 
         # One view for a two-view processor: repeated, with a (`warning_once`) warning.
         return CdanImageProcessor(image_size=32, num_views=2)(str(corpus.FRONTAL_PNG))

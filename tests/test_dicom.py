@@ -20,7 +20,7 @@ from pydicom.uid import (
 
 from data_cdan.testing import CXR_IMAGES
 from dicom_cdan import DicomDecoderMissingError, DicomImage, read_dicom
-from processing_cdan import CdanImageProcessor
+from image_processing_cdan import CdanImageProcessor
 
 
 SIIM_DICOM = CXR_IMAGES / "torchxrayvision_test_images" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -344,8 +344,10 @@ def test_an_invalid_window_is_a_value_error_naming_the_file(tmp_path):
 
 
 def test_view_positions_come_from_the_dicom_header_when_a_study_gives_none(tmp_path):
-    from processing_cdan import CdanImageProcessor, CdanProcessor, build_report_tokenizer
+    from image_processing_cdan import CdanImageProcessor
     from priorrg_modules import DEFAULT_VIEW_POSITIONS
+    from processing_cdan import CdanProcessor
+    from tokenization_cdan import build_report_tokenizer
 
     frontal = save(build_dataset(ramp(0, 4095), view_position="AP"), tmp_path / "frontal")
     lateral = save(build_dataset(ramp(0, 4095), view_position="LL"), tmp_path / "lateral")

@@ -29,7 +29,7 @@ from evaluation_cdan import (
 )
 import evaluation_cdan
 from labeler_cdan import CHEXPERT_OBSERVATIONS
-from processing_cdan import clean_report_iu_xray
+from tokenization_cdan import clean_report_iu_xray
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -19,9 +19,10 @@ from cli_cdan import EXIT_USAGE_ERROR
 from cli_cdan import main as cli_main
 from consistency_cdan import split_sentences
 from d2r_modules import alignment_text_inputs
+from image_processing_cdan import CdanImageProcessor
 from modeling_d2r import D2RNetForConditionalGeneration
 from pipeline_cdan import CdanReportPipeline, save_checkpoint
-from processing_cdan import CdanImageProcessor, CdanProcessor, build_context_tokenizer
+from processing_cdan import CdanProcessor, build_context_tokenizer
 from trainer_cdan import offline_text_encoder_path
 
 sys.path.insert(0, str(REPOSITORY / "scripts"))

@@ -380,7 +380,12 @@ def test_benchmark_int8_all_variant_quantises_with_the_all_scope(benchmark_gener
 
 
 def test_benchmark_offers_every_named_option_as_a_variant(benchmark_generation):
-    assert set(benchmark_generation.VARIANTS) == {*inference_cdan.NAMED_OPTIONS, "onnxruntime", "onnxruntime-int8"}
+    assert set(benchmark_generation.VARIANTS) == {
+        *inference_cdan.NAMED_OPTIONS,
+        "onnxruntime",
+        "onnxruntime-int8",
+        "onnxruntime-int8-static",
+    }
 
 
 def test_benchmark_table_puts_each_variant_beside_fp32_with_its_speedup(benchmark_generation):

@@ -1,5 +1,7 @@
 """ONNX export of CDAN and ONNX Runtime generation (`onnx_cdan.py`) against the PyTorch model's `generate()`."""
 
+import importlib
+import json
 import shutil
 import subprocess
 import sys
@@ -15,12 +17,21 @@ from modeling_cdan import CdanForConditionalGeneration
 from onnx_cdan import (
     DECODER_STEP_FILE,
     ENCODER_FILE,
+    DEFAULT_EXTRACTOR_INT8_MODULES,
+    EXTRACTOR_INT8_OPERATORS,
+    METADATA_FILE,
     OnnxReportGenerator,
+    PixelValuesCalibrationReader,
+    calibration_batches,
     export_onnx,
     linear_module_name,
+    in_extractor_backbone,
+    quantize_onnx_extractor_int8,
     quantize_onnx_int8,
 )
+from pipeline_cdan import save_checkpoint
 from test_modeling import study_batch, tiny_model
+from test_pipeline import FRONTAL, SECOND_FRONTAL, tiny_processor, tiny_report_model
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -313,6 +324,179 @@ def test_int8_onnx_refuses_a_folder_already_quantised(int8_folder):
 def test_int8_onnx_refuses_an_unknown_scope(onnx_folder):
     with pytest.raises(ValueError, match="Unknown int8_scope 'everything'"):
         quantize_onnx_int8(onnx_folder, "everything")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# static int8 visual extractor with ONNX Runtime
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def calibration_studies(scale: float = 1.0) -> list[torch.Tensor]:
+    return [distinct_studies(3) * scale, study_batch(2, seed=5) * scale]
+
+
+def static_int8_copy(onnx_folder: Path, destination: Path, scale: float = 1.0, **kwargs) -> tuple[Path, list[str]]:
+    folder = destination / "export"
+    shutil.copytree(onnx_folder, folder)
+    return folder, quantize_onnx_extractor_int8(folder, calibration_studies(scale), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def extractor_int8_folder(onnx_folder, tmp_path_factory) -> tuple[Path, list[str]]:
+    return static_int8_copy(onnx_folder, tmp_path_factory.mktemp("onnx_extractor_int8"))
+
+
+def producers(graph) -> dict[str, object]:
+    return {output: node for node in graph.node for output in node.output}
+
+
+def convolution_weight_types(folder: Path) -> dict[str, tuple[bool, str]]:
+    """Per convolution of the encoder graph: whether it lies in the third stage, and `"int8"` when its weight is
+    dequantised from an int8 initializer and its input from a quantised activation, `"float"` when both are float."""
+    graph = onnx.load(folder / ENCODER_FILE).graph
+    initializers, produced_by = {tensor.name: tensor for tensor in graph.initializer}, producers(graph)
+    kinds = {}
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight, activation = produced_by.get(node.input[1]), produced_by.get(node.input[0])
+        if weight is not None and weight.op_type == "DequantizeLinear":
+            assert initializers[weight.input[0]].data_type == onnx.TensorProto.INT8
+            assert activation.op_type == "DequantizeLinear"  # uint8 activations in
+            kind = "int8"
+        else:
+            assert initializers[node.input[1]].data_type == onnx.TensorProto.FLOAT
+            kind = "float"
+        kinds[node.name] = (in_extractor_backbone(node, ("layer3",)), kind)
+    return kinds
+
+
+def test_extractor_int8_quantises_the_convolutions_of_the_third_stage_only(extractor_int8_folder):
+    kinds = convolution_weight_types(extractor_int8_folder[0])
+    assert DEFAULT_EXTRACTOR_INT8_MODULES == ("layer3",)
+    assert {kind for in_stage, kind in kinds.values() if in_stage} == {"int8"}
+    assert {kind for in_stage, kind in kinds.values() if not in_stage} == {"float"}
+
+
+def test_extractor_int8_of_the_whole_backbone_quantises_every_convolution(onnx_folder, tmp_path):
+    folder, _ = static_int8_copy(onnx_folder, tmp_path, backbone_modules=None)
+    kinds = convolution_weight_types(folder)
+    assert len(kinds) == graph_op_count(onnx_folder / ENCODER_FILE, "Conv")
+    assert {kind for _, kind in kinds.values()} == {"int8"}
+
+
+def test_extractor_int8_refuses_modules_the_backbone_does_not_have(onnx_folder, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(onnx_folder, folder)
+    with pytest.raises(ValueError, match=r"No node of .* lies in the backbone modules \('stage9',\)"):
+        quantize_onnx_extractor_int8(folder, calibration_studies(), backbone_modules=("stage9",))
+
+
+def test_extractor_int8_leaves_the_layers_after_the_backbone_in_float(onnx_folder, extractor_int8_folder):
+    _, quantized = extractor_int8_folder
+    graph = onnx.load(extractor_int8_folder[0] / ENCODER_FILE).graph
+    float_matmuls = graph_op_count(onnx_folder / ENCODER_FILE, "MatMul")
+    assert graph_op_count(extractor_int8_folder[0] / ENCODER_FILE, "MatMul") == float_matmuls
+    produced_by = producers(graph)
+    matmul_inputs = [produced_by.get(name) for node in graph.node if node.op_type == "MatMul" for name in node.input]
+    assert not any(node is not None and node.op_type == "DequantizeLinear" for node in matmul_inputs)
+    float_nodes = {node.name: node for node in onnx.load(onnx_folder / ENCODER_FILE).graph.node}
+    assert {float_nodes[name].op_type for name in quantized} <= set(EXTRACTOR_INT8_OPERATORS)
+    assert all(in_extractor_backbone(float_nodes[name], DEFAULT_EXTRACTOR_INT8_MODULES) for name in quantized)
+
+
+def test_extractor_int8_memory_stays_close_to_float(onnx_folder, extractor_int8_folder):
+    pixel_values = distinct_studies(3).numpy()
+    float_memory = OnnxReportGenerator(onnx_folder, 1).encode(pixel_values)["memory"]
+    int8_memory = OnnxReportGenerator(extractor_int8_folder[0], 1).encode(pixel_values)["memory"]
+    relative_error = np.linalg.norm(int8_memory - float_memory) / np.linalg.norm(float_memory)
+    assert 0 < relative_error < 0.1
+
+
+def input_scale(folder: Path) -> float:
+    """The scale with which the graph quantises `pixel_values` on its way into the first convolution."""
+    graph = onnx.load(folder / ENCODER_FILE).graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    first_quantize = next(node for node in graph.node if node.op_type == "QuantizeLinear")
+    return float(onnx.numpy_helper.to_array(initializers[first_quantize.input[1]]))
+
+
+def test_extractor_int8_activation_ranges_come_from_the_calibration_studies(onnx_folder, tmp_path):
+    options = dict(backbone_modules=None, calibration_method="MinMax")  # from the views on; ranges scale exactly
+    folder, _ = static_int8_copy(onnx_folder, tmp_path / "1x", **options)
+    wider_folder, _ = static_int8_copy(onnx_folder, tmp_path / "4x", scale=4.0, **options)
+    assert input_scale(wider_folder) == pytest.approx(4.0 * input_scale(folder), rel=1e-3)
+
+
+def test_extractor_int8_records_its_calibration_in_the_metadata(extractor_int8_folder):
+    metadata = json.loads((extractor_int8_folder[0] / METADATA_FILE).read_text())
+    assert metadata["extractor_int8"] == {
+        "calibration_studies": 5,
+        "calibration_method": "Percentile",
+        "backbone_modules": ["layer3"],
+    }
+
+
+def test_extractor_int8_then_linear_int8_generates_reports_of_valid_tokens(model, extractor_int8_folder, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(extractor_int8_folder[0], folder)
+    quantized = quantize_onnx_int8(folder)
+    assert graph_op_count(folder / ENCODER_FILE, "MatMulInteger") == len(quantized[ENCODER_FILE]) > 0
+    sequences = OnnxReportGenerator(folder, 1).generate(distinct_studies(3), num_beams=2)
+    assert sequences.shape[0] == 3 and ((sequences >= 0) & (sequences < model.config.vocab_size)).all()
+
+
+def test_extractor_int8_refuses_a_folder_already_quantised(extractor_int8_folder):
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_onnx_extractor_int8(extractor_int8_folder[0], calibration_studies())
+
+
+def test_calibration_reader_hands_over_one_study_at_a_time_within_its_range():
+    batches = calibration_studies()  # a batch of 3 studies, then one of 2
+    reader = PixelValuesCalibrationReader(batches)
+    assert len(reader) == 5
+    reader.set_range(start_index=2, end_index=4)
+    handed = [reader.get_next() for _ in range(3)]
+    assert handed[2] is None
+    expected = [batches[0][2:3], batches[1][0:1]]  # studies 2 and 3, each (1, V, 3, H, W)
+    for inputs, study in zip(handed[:2], expected):
+        np.testing.assert_array_equal(inputs["pixel_values"], study.numpy())
+
+
+def test_extractor_int8_refuses_an_empty_calibration_set(onnx_folder, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(onnx_folder, folder)
+    with pytest.raises(ValueError, match="no batch to calibrate on"):
+        quantize_onnx_extractor_int8(folder, [])
+    assert "extractor_int8" not in json.loads((folder / METADATA_FILE).read_text())
+
+
+def test_extractor_int8_refuses_an_unknown_calibration_method(onnx_folder):
+    with pytest.raises(ValueError, match="Unknown calibration_method 'Median'"):
+        quantize_onnx_extractor_int8(onnx_folder, calibration_studies(), "Median")
+
+
+def test_calibration_batches_process_the_studies_a_batch_at_a_time():
+    processor = tiny_processor()
+    studies = [[FRONTAL, SECOND_FRONTAL], [SECOND_FRONTAL, FRONTAL], [FRONTAL, FRONTAL]]
+    batches = list(calibration_batches(processor, studies, batch_size=2))
+    assert [tuple(batch.shape) for batch in batches] == [(2, 2, 3, 64, 64), (1, 2, 3, 64, 64)]
+    torch.testing.assert_close(torch.cat(batches), processor(images=studies, return_tensors="pt")["pixel_values"])
+
+
+def test_export_script_calibrates_the_static_int8_extractor_on_the_asked_split(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPOSITORY / "scripts"))
+    export_script = importlib.import_module("export_onnx")
+    processor = tiny_processor()
+    checkpoint = tmp_path / "checkpoint"
+    save_checkpoint(tiny_report_model(processor), processor, checkpoint)
+    arguments = ["--model", str(checkpoint), "--output_dir", str(tmp_path / "onnx"), "--parity_studies", "1",
+                 "--threads", "1", "--extractor_int8_calibration", "demo", "--calibration_studies", "3",
+                 "--int8_scope", "encoder-and-cross-attention"]  # fmt: skip
+    assert export_script.main(arguments) == 0  # the parity check ran on the float32 export
+    metadata = json.loads((tmp_path / "onnx" / METADATA_FILE).read_text())
+    assert metadata["extractor_int8"]["calibration_studies"] == 3
+    assert metadata["int8_scope"] == "encoder-and-cross-attention"
 
 
 def test_importing_onnx_cdan_imports_no_onnx_package():

@@ -14,9 +14,10 @@ import torch
 from packaging.version import Version
 from PIL import Image
 
+from image_processing_cdan import CdanImageProcessor
 from modeling_cdan import CdanForConditionalGeneration
 from pipeline_cdan import MIN_TRANSFORMERS_VERSION, CdanReportPipeline, save_checkpoint
-from processing_cdan import CdanImageProcessor, CdanProcessor
+from processing_cdan import CdanProcessor
 from test_modeling import tiny_config
 
 
@@ -83,6 +84,8 @@ def test_checkpoint_folder_holds_everything_a_hub_repo_needs(checkpoint):
         "configuration_cdan.py",
         "modeling_cdan.py",
         "processing_cdan.py",
+        "image_processing_cdan.py",
+        "tokenization_cdan.py",
         "pipeline_cdan.py",
         "README.md",
     ):

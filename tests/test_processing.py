@@ -15,15 +15,9 @@ from PIL import Image
 from torchvision import transforms
 from transformers.utils import logging as hf_logging
 
-from processing_cdan import (
-    REPORT_CLEANERS,
-    CdanImageProcessor,
-    CdanProcessor,
-    build_report_tokenizer,
-    clean_report_iu_xray,
-    clean_report_mimic_cxr,
-    load_image,
-)
+from image_processing_cdan import CdanImageProcessor, load_image
+from processing_cdan import CdanProcessor
+from tokenization_cdan import REPORT_CLEANERS, build_report_tokenizer, clean_report_iu_xray, clean_report_mimic_cxr
 
 
 ANNOTATION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iu_xray" / "annotation.json"
@@ -464,7 +458,8 @@ def test_processor_save_and_load_round_trip(processor, tmp_path):
 def test_auto_classes_load_the_saved_folder_in_a_fresh_process(processor, tmp_path):
     saved = tmp_path / "saved"
     processor.save_pretrained(saved)
-    assert (saved / "processing_cdan.py").is_file()
+    for module_file in ("processing_cdan.py", "image_processing_cdan.py", "tokenization_cdan.py"):
+        assert (saved / module_file).is_file(), f"{module_file} missing from the saved folder"
     code = f"""
         import json, sys
         from transformers import AutoImageProcessor, AutoProcessor
@@ -474,7 +469,9 @@ def test_auto_classes_load_the_saved_folder_in_a_fresh_process(processor, tmp_pa
         print(json.dumps({{
             "processor": type(processor).__module__ + "." + type(processor).__name__,
             "image_processor": type(image_processor).__module__ + "." + type(image_processor).__name__,
-            "local_module_imported": "processing_cdan" in sys.modules,
+            "local_module_imported": sorted(
+                {{"processing_cdan", "image_processing_cdan", "tokenization_cdan"}} & set(sys.modules)
+            ),
             "labels": batch["labels"].tolist(),
             "pixel_sum": float(batch["pixel_values"].double().sum()),
             "decoded": processor.batch_decode(batch["labels"]),
@@ -490,8 +487,10 @@ def test_auto_classes_load_the_saved_folder_in_a_fresh_process(processor, tmp_pa
     assert outputs["processor"].startswith("transformers_modules.") and outputs["processor"].endswith(
         "processing_cdan.CdanProcessor"
     )
-    assert outputs["image_processor"].endswith("processing_cdan.CdanImageProcessor")
-    assert not outputs["local_module_imported"]
+    assert outputs["image_processor"].startswith("transformers_modules.") and outputs["image_processor"].endswith(
+        ".image_processing_cdan.CdanImageProcessor"
+    )
+    assert outputs["local_module_imported"] == []
     expected = processor(images=[[GREY_PNG, JPEG]], text=["Heart size normal.. Lungs clear."])
     assert outputs["labels"] == expected["labels"].tolist()
     assert outputs["pixel_sum"] == pytest.approx(float(expected["pixel_values"].double().sum()), rel=1e-6)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from data_cdan import LesionBox, boxes_from_rows, load_cdan_dataset
-from processing_cdan import DEFAULT_MAX_LESION_BOXES, CdanImageProcessor, CdanProcessor, build_report_tokenizer
+from image_processing_cdan import DEFAULT_MAX_LESION_BOXES, CdanImageProcessor
+from processing_cdan import CdanProcessor
+from tokenization_cdan import build_report_tokenizer
 from trainer_cdan import CdanDataCollator
 
 

@@ -16,6 +16,8 @@ MODULES = [
     "priorrg_modules",
     "modeling_cdan",
     "processing_cdan",
+    "image_processing_cdan",
+    "tokenization_cdan",
     "pipeline_cdan",
     "heatmaps_cdan",
     "labeler_cdan",
