@@ -595,7 +595,7 @@ convolution to the next without a float round trip."""
 
 DEFAULT_EXTRACTOR_INT8_MODULES = ("layer3",)
 """The backbone modules that static int8 quantises by default: the third stage of a timm ResNet, which holds most of
-its convolutions (23 of ResNet-101's 33 bottleneck blocks, about 60 % of its multiply-adds at 224 px). The stem and
+its convolutions (23 of ResNet-101's 33 bottleneck blocks, about 66 % of its multiply-adds at 224 px). The stem and
 the other stages stay float32: quantising them as well moved more of the demo's reports away from float32's (README,
 "Faster CPU inference")."""
 
