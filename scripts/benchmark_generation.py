@@ -32,8 +32,8 @@ head), `bf16` (bfloat16 autocast; a CPU without AVX512-BF16 or AMX skips the row
 visual extractor compiled; the warm-up call compiles), `int8+compile`, `bf16+compile`, `onnxruntime` (the model
 exported with `onnx_cdan.export_onnx` and decoded by `OnnxReportGenerator` with its key/value cache; the export counts
 in the build time, and the extractor share is not reported), and `onnxruntime-int8` (the same with the linear layers of
-`int8`'s scope quantised by ONNX Runtime, `onnx_cdan.quantize_onnx_int8`), and `onnxruntime-int8-static` (that, with
-the visual extractor's convolutions in static int8 as well, `onnx_cdan.quantize_onnx_extractor_int8`, calibrated on
+`int8`'s scope quantised by ONNX Runtime, `onnx_quantization_cdan.quantize_onnx_int8`), and `onnxruntime-int8-static` (that, with
+the visual extractor's convolutions in static int8 as well, `onnx_quantization_cdan.quantize_onnx_extractor_int8`, calibrated on
 random views). `VARIANTS` maps each name to a function that
 prepares the model and returns a `generate`-like callable: a new backend is one more entry there. The stock stack runs
 as it is.
@@ -280,12 +280,13 @@ def onnx_runtime_variant(
     """
     The model exported to ONNX (`onnx_cdan.export_onnx`, into a temporary folder, counted in the build time) and run
     by ONNX Runtime with as many threads as torch; with `static_extractor`, its visual extractor is quantised to static
-    int8, calibrated on `CALIBRATION_BATCHES` batches of random views (`onnx_cdan.quantize_onnx_extractor_int8`); with
-    `int8`, the linear layers of the default int8 scope are quantised by ONNX Runtime (`onnx_cdan.quantize_onnx_int8`).
+    int8, calibrated on `CALIBRATION_BATCHES` batches of random views (`onnx_quantization_cdan.quantize_onnx_extractor_int8`); with
+    `int8`, the linear layers of the default int8 scope are quantised by ONNX Runtime (`onnx_quantization_cdan.quantize_onnx_int8`).
     ORT always decodes with its key/value cache; the `use_cache` and `do_sample` arguments of the benchmark's calls are
     dropped (sampling is never asked for).
     """
-    from onnx_cdan import OnnxReportGenerator, export_onnx, quantize_onnx_extractor_int8, quantize_onnx_int8
+    from onnx_cdan import OnnxReportGenerator, export_onnx
+    from onnx_quantization_cdan import quantize_onnx_extractor_int8, quantize_onnx_int8
 
     folder = Path(tempfile.mkdtemp(prefix="cdan_onnx_"))
     export_onnx(model, folder)

@@ -17,9 +17,9 @@ without AVX512-BF16 or AMX) is listed below the table with the reason. `--int8_s
 `inference_cdan.INT8_SCOPES` (`int8 (all)`, ...: which linear layers are quantised), to choose what to quantise.
 `--onnxruntime_int8_scopes` adds an `onnxruntime` row (the model exported with `onnx_cdan.export_onnx` and decoded by
 ONNX Runtime) and one `onnxruntime-int8 (scope)` row per scope (the export quantised by
-`onnx_cdan.quantize_onnx_int8`). `--onnxruntime_extractor_int8_scopes none encoder-and-cross-attention` adds
+`onnx_quantization_cdan.quantize_onnx_int8`). `--onnxruntime_extractor_int8_scopes none encoder-and-cross-attention` adds
 `onnxruntime-int8 (extractor)` and `onnxruntime-int8 (extractor + encoder-and-cross-attention)`: the visual extractor
-in static int8 (`onnx_cdan.quantize_onnx_extractor_int8`, calibrated on `--calibration_studies` studies of
+in static int8 (`onnx_quantization_cdan.quantize_onnx_extractor_int8`, calibrated on `--calibration_studies` studies of
 `--calibration_split`), alone or with that scope's linear layers in dynamic int8.
 
 Reports per second cover preprocessing and generation of the whole split, after one untimed warm-up batch (which
@@ -143,20 +143,15 @@ def run_onnx_option(
 ) -> dict:
     """
     Export `model` to ONNX (into a temporary folder); with `calibration_dataset`, quantise its visual extractor to
-    static int8 calibrated on those studies (`onnx_cdan.quantize_onnx_extractor_int8`); quantise the linear layers of
-    `int8_scope` unless `None` (`onnx_cdan.quantize_onnx_int8`); then generate the split's reports with ONNX Runtime
+    static int8 calibrated on those studies (`onnx_quantization_cdan.quantize_onnx_extractor_int8`); quantise the linear layers of
+    `int8_scope` unless `None` (`onnx_quantization_cdan.quantize_onnx_int8`); then generate the split's reports with ONNX Runtime
     (as many threads as torch), after one warm-up batch.
 
     Returns:
         `dict`: `reports`, `seconds` and `cpu_seconds`, as [`run_option`].
     """
-    from onnx_cdan import (
-        OnnxReportGenerator,
-        calibration_batches,
-        export_onnx,
-        quantize_onnx_extractor_int8,
-        quantize_onnx_int8,
-    )
+    from onnx_cdan import OnnxReportGenerator, export_onnx
+    from onnx_quantization_cdan import calibration_batches, quantize_onnx_extractor_int8, quantize_onnx_int8
 
     with tempfile.TemporaryDirectory(prefix="cdan_onnx_") as folder:
         export_onnx(model, folder, processor=processor)

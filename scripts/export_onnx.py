@@ -9,8 +9,8 @@ random images (through the exported processor) with `OnnxReportGenerator.generat
 `generate()`, greedy and with `--num_beams`, and prints whether the tokens agree and how far the encoder outputs are
 apart. It exits with status 1 when a parity check fails. The parity check runs on the float32 export; then
 `--extractor_int8_calibration demo` quantises the visual extractor to static int8, calibrated on `--calibration_studies`
-studies of that data set's training split (`onnx_cdan.quantize_onnx_extractor_int8`), and `--int8_scope
-encoder-and-cross-attention` quantises those linear layers to dynamic int8 (`onnx_cdan.quantize_onnx_int8`); the
+studies of that data set's training split (`onnx_quantization_cdan.quantize_onnx_extractor_int8`), and `--int8_scope
+encoder-and-cross-attention` quantises those linear layers to dynamic int8 (`onnx_quantization_cdan.quantize_onnx_int8`); the
 fastest CPU path of the README:
 
     python scripts/export_onnx.py --model outputs/demo --output_dir outputs/demo-onnx-int8 \\
@@ -29,13 +29,8 @@ from transformers import HfArgumentParser
 
 from inference_cdan import INT8_SCOPES
 from modeling_cdan import CdanForConditionalGeneration
-from onnx_cdan import (
-    OnnxReportGenerator,
-    calibration_batches,
-    export_onnx,
-    quantize_onnx_extractor_int8,
-    quantize_onnx_int8,
-)
+from onnx_cdan import OnnxReportGenerator, export_onnx
+from onnx_quantization_cdan import calibration_batches, quantize_onnx_extractor_int8, quantize_onnx_int8
 from processing_cdan import CdanProcessor
 
 

@@ -442,10 +442,13 @@ def test_agreement_run_option_prepares_the_model_with_the_scope(check_inference_
 @pytest.mark.parametrize("int8_scope", [None, "all"])
 def test_agreement_onnx_rows_quantise_the_export_with_their_scope(check_inference_agreement, monkeypatch, int8_scope):
     import onnx_cdan
+    import onnx_quantization_cdan
 
     calls = []
     monkeypatch.setattr(onnx_cdan, "export_onnx", lambda model, folder, processor: calls.append(("export", None)))
-    monkeypatch.setattr(onnx_cdan, "quantize_onnx_int8", lambda folder, scope: calls.append(("quantize", scope)))
+    monkeypatch.setattr(
+        onnx_quantization_cdan, "quantize_onnx_int8", lambda folder, scope: calls.append(("quantize", scope))
+    )
     monkeypatch.setattr(onnx_cdan, "OnnxReportGenerator", lambda folder, num_threads: "generator")
 
     def recording_generate(generator, model, processor, dataset, batch_size, **kwargs):

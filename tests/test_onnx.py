@@ -14,18 +14,14 @@ import torch
 from torch import nn
 
 from modeling_cdan import CdanForConditionalGeneration
-from onnx_cdan import (
-    DECODER_STEP_FILE,
-    ENCODER_FILE,
+from onnx_cdan import DECODER_STEP_FILE, ENCODER_FILE, METADATA_FILE, OnnxReportGenerator, export_onnx
+from onnx_quantization_cdan import (
     DEFAULT_EXTRACTOR_INT8_MODULES,
     EXTRACTOR_INT8_OPERATORS,
-    METADATA_FILE,
-    OnnxReportGenerator,
     PixelValuesCalibrationReader,
     calibration_batches,
-    export_onnx,
-    linear_module_name,
     in_extractor_backbone,
+    linear_module_name,
     quantize_onnx_extractor_int8,
     quantize_onnx_int8,
 )
@@ -422,7 +418,7 @@ def input_scale(folder: Path) -> float:
 
 
 def test_extractor_int8_activation_ranges_come_from_the_calibration_studies(onnx_folder, tmp_path):
-    options = dict(backbone_modules=None, calibration_method="MinMax")  # from the views on; ranges scale exactly
+    options = {"backbone_modules": None, "calibration_method": "MinMax"}  # from the views on; ranges scale exactly
     folder, _ = static_int8_copy(onnx_folder, tmp_path / "1x", **options)
     wider_folder, _ = static_int8_copy(onnx_folder, tmp_path / "4x", scale=4.0, **options)
     assert input_scale(wider_folder) == pytest.approx(4.0 * input_scale(folder), rel=1e-3)

@@ -31,6 +31,7 @@ MODULES = [
     "detection_cdan",
     "inference_cdan",
     "onnx_cdan",
+    "onnx_quantization_cdan",
     *sorted(f"data_cdan.{path.stem}" for path in (REPOSITORY / "data_cdan").glob("*.py") if path.stem != "__init__"),
     "data_cdan",
 ]
