@@ -78,7 +78,13 @@ from trainer_cdan import (
     warm_up_visual_extractor,
     write_weight_checksum,
 )
-from trainer_priorrg import ContrastivePretrainingCollator, PriorRGPretrainer, PriorRGTrainer, add_report_section_tag
+from trainer_priorrg import (
+    ContrastivePretrainingCollator,
+    PriorRGImageWarmupModel,
+    PriorRGPretrainer,
+    PriorRGTrainer,
+    add_report_section_tag,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -287,8 +293,9 @@ class ModelArguments:
     visual_warmup_epochs: float = field(
         default=0,
         metadata={"help": "Before report training, train the visual extractor alone for this many epochs to classify "
-                  "the 14 CheXpert labels from its pooled features. A stand-in for ImageNet weights when the "
-                  "extractor starts from scratch (the demo); 0 skips it."},
+                  "the 14 CheXpert labels from its pooled features (PriorRG: its image path up to the Perceiver's "
+                  "latents, before stage 1). A stand-in for ImageNet weights when the extractor starts from scratch "
+                  "(the demo); 0 skips it, and so does --model_name_or_path."},
     )  # fmt: skip
     visual_warmup_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the warm-up."})
     model_type: str = field(
@@ -747,9 +754,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.generation_config.update(max_length=data_args.max_length, num_beams=training_args.generation_num_beams)
     apply_decoding_options(model, training_args)
     register_pipeline_in_config(model.config)
-    if model_args.visual_warmup_epochs > 0:
+    if model_args.visual_warmup_epochs > 0 and model_args.model_name_or_path:
+        logger.info(f"No visual warm-up: the image encoder of {model_args.model_name_or_path} is already trained.")
+    elif model_args.visual_warmup_epochs > 0:
+        # PriorRG: its image path up to the Perceiver's latents (the vision encoder too unless frozen)
+        warmup_model = PriorRGImageWarmupModel(model.get_encoder(), len(CHEXPERT_OBSERVATIONS)) if is_priorrg else None
         warmup_metrics = warm_up_visual_extractor(
-            model, processor, raw["train"], raw.get("validation"), model_args, data_args, training_args
+            model, processor, raw["train"], raw.get("validation"), model_args, data_args, training_args, warmup_model
         )
         logger.info(f"Visual warm-up: {warmup_metrics}")
     if model_args.freeze_visual_extractor or model_args.cache_visual_features:

@@ -355,8 +355,8 @@ class CdanDataCollator:
         """The processor arguments asked by the PriorRG flags (none when they are off)."""
         inputs: dict[str, Any] = {}
         if self.include_view_positions:
-            inputs["view_positions"] = [
-                row_view_positions(row.get("views"), row.get("view_positions")) for row in rows
+            inputs["view_positions"] = [  # None: a row that names no views (every view unknown)
+                row_view_positions(row.get("views"), row.get("view_positions")) or None for row in rows
             ]
         if self.include_context:
             inputs["indication"] = [row.get("indication") for row in rows]
@@ -624,11 +624,22 @@ class VisualWarmupModel(nn.Module):
     """
 
     accepts_loss_kwargs = False
+    input_names = ("pixel_values",)
+    """Batch inputs besides the labels; the warm-up's collator provides these."""
+    weights_name = "visual_extractor.safetensors"
+    """File in `<output_dir>/visual_warmup/` holding the warmed-up weights (`warmed_state_dict`)."""
 
     def __init__(self, visual_extractor: nn.Module, num_observations: int):
         super().__init__()
         self.visual_extractor = visual_extractor
         self.classifier = nn.Linear(visual_extractor.num_features, num_observations)
+
+    def warmed_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the warm-up trains and the report model keeps (the head is dropped)."""
+        return self.visual_extractor.state_dict()
+
+    def load_warmed_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.visual_extractor.load_state_dict(state_dict)
 
     def forward(
         self, pixel_values: torch.Tensor, disease_labels: torch.Tensor | None = None
@@ -654,20 +665,30 @@ def warm_up_visual_extractor(
     model_args: "ModelArguments",
     data_args: "DataArguments",
     training_args: "CdanTrainingArguments",
+    warmup_model: nn.Module | None = None,
 ) -> dict[str, float]:
     """
     Train the model's visual extractor in place on the multi-label task (see `VisualWarmupModel`), with a plain
     `Trainer`, so it has the same progress bars, logs and multi-process support as the main stage. The result is kept
-    in `<output_dir>/visual_warmup/visual_extractor.safetensors` and reused when a run is resumed.
+    in `<output_dir>/visual_warmup/<warmup_model.weights_name>` and reused when a run is resumed.
+
+    Args:
+        warmup_model (`nn.Module`, *optional*): what to train, sharing its modules with `model`: a
+            `VisualWarmupModel` of the model's extractor when `None` (CDAN, D2R-Net); PriorRG passes
+            `PriorRGImageWarmupModel`. It has `input_names`, `weights_name`, `warmed_state_dict()` and
+            `load_warmed_state_dict()`.
 
     Returns:
         The last validation metrics of the warm-up (`eval_loss`, `eval_mean_AUROC`), empty without validation data.
     """
-    extractor = model.get_encoder().visual_extractor
+    # the model's observations; all 14 CheXpert ones for a model without the classifier (D2R-Net, PriorRG)
+    observation_names = getattr(model.config, "observation_names", None) or CHEXPERT_OBSERVATIONS
+    if warmup_model is None:
+        warmup_model = VisualWarmupModel(model.get_encoder().visual_extractor, len(observation_names))
     warmup_dir = Path(training_args.output_dir) / "visual_warmup"
-    weights_file = warmup_dir / "visual_extractor.safetensors"
+    weights_file = warmup_dir / warmup_model.weights_name
     if training_args.resume_from_checkpoint and weights_file.exists():
-        extractor.load_state_dict(load_file(weights_file))
+        warmup_model.load_warmed_state_dict(load_file(weights_file))
         logger.info(f"Resuming: visual warm-up weights read from {weights_file}")
         return {}
     # The same launch settings (devices, mixed precision, DeepSpeed/FSDP, workers, seed) as the main stage, with the
@@ -691,14 +712,13 @@ def warm_up_visual_extractor(
         label_names=["disease_labels"],
         resume_from_checkpoint=None,
     )
-    # the model's observations; all 14 CheXpert ones for a model without the classifier (D2R-Net)
-    observation_names = getattr(model.config, "observation_names", None) or CHEXPERT_OBSERVATIONS
     collator = CdanDataCollator(
         processor, augment=data_args.augment, uncertain_label_as=training_args.uncertain_label_as,
         include_reports=False, observation_names=observation_names,
+        include_view_positions="view_position_ids" in warmup_model.input_names,
     )  # fmt: skip
     trainer = Trainer(
-        model=VisualWarmupModel(extractor, len(observation_names)),
+        model=warmup_model,
         args=warmup_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -711,7 +731,8 @@ def warm_up_visual_extractor(
     metrics = evaluations[-1] if evaluations else {}
     if training_args.should_save:
         warmup_dir.mkdir(parents=True, exist_ok=True)
-        save_file({name: tensor.contiguous() for name, tensor in extractor.state_dict().items()}, weights_file)
+        warmed = warmup_model.warmed_state_dict()
+        save_file({name: tensor.contiguous() for name, tensor in warmed.items()}, weights_file)
     return metrics
 
 

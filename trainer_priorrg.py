@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
 from priorrg_modules import REPORT_SECTION_TAG, study_id_codes
@@ -162,6 +164,67 @@ class ContrastivePretrainingCollator:
         return batch
 
 
+class PriorRGImageWarmupModel(nn.Module):
+    """
+    PriorRG's image path with a linear multi-label head on its image latents `[st, joint]` (flattened, so each latent
+    can carry its own region), trained alone before stage 1 (`--visual_warmup_epochs`), without context or prior.
+
+    Without a pre-trained vision encoder (the offline demo), stage 1 learns to retrieve reports from the indication,
+    which the pre-trained text encoder already reads, and the Perceiver's latents barely depend on the image; stage 2
+    then writes the most common report (README, "PriorRG"). This warm-up trains the trainable parts of the image path
+    (the projection, the view embeddings, the layer-wise fusion, the Perceiver's image passes, and the vision encoder
+    unless it is frozen) to carry the 14 CheXpert labels into the latents the decoder reads. The head is discarded
+    afterwards; the context encoder is not trained.
+
+    Args:
+        encoder (`PriorRGEncoder`): the model's encoder, trained in place.
+        num_observations (`int`): number of labels (14 CheXpert observations).
+    """
+
+    accepts_loss_kwargs = False
+    input_names = ("pixel_values", "view_position_ids")
+    weights_name = "image_encoder.safetensors"
+    untrained_prefix = "context_encoder."
+    """Encoder weights the warm-up leaves alone, and so neither saves nor loads."""
+
+    def __init__(self, encoder: nn.Module, num_observations: int):
+        super().__init__()
+        self.encoder = encoder
+        num_features = 2 * encoder.config.num_latents * encoder.config.hidden_size
+        self.classifier = nn.Linear(num_features, num_observations)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        view_position_ids: torch.LongTensor | None = None,
+        disease_labels: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        outputs = self.encoder(pixel_values=pixel_values, view_position_ids=view_position_ids)  # no context, no prior
+        image_latents = torch.cat([outputs.spatiotemporal_latents, outputs.joint_latents], dim=1)  # (B, 2M, C)
+        logits = self.classifier(image_latents.flatten(1))  # (B, num_observations)
+        loss = None
+        if disease_labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), disease_labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def warmed_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights except the context encoder's."""
+        return {
+            name: tensor
+            for name, tensor in self.encoder.state_dict().items()
+            if not name.startswith(self.untrained_prefix)
+        }
+
+    def load_warmed_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.encoder.load_state_dict(state_dict, strict=False)
+        missing = [name for name in missing if not name.startswith(self.untrained_prefix)]
+        if missing or unexpected:
+            raise ValueError(
+                f"The saved warm-up weights do not fit this PriorRG encoder: missing {missing}, unexpected "
+                f"{unexpected}."
+            )
+
+
 class PriorRGPretrainer(ConvertedCheckpointsMixin, CdanTrainer):
     """
     Stage 1 on `CdanTrainer`: the loss is `model.get_contrastive_outputs(...).loss`, and `evaluate()` reports
@@ -230,6 +293,7 @@ __all__ = [
     "RETRIEVAL_RECALL_AT",
     "ContrastivePretrainingCollator",
     "ConvertedCheckpointsMixin",
+    "PriorRGImageWarmupModel",
     "PriorRGPretrainer",
     "PriorRGTrainer",
     "add_report_section_tag",

@@ -6,7 +6,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import TINY_MODEL_FLAGS, r2gen_fixture, run_main_for_one_step  # noqa: F401 (pytest fixture)
+from test_train import (  # noqa: F401 (pytest fixtures)
+    TINY_MODEL_FLAGS,
+    r2gen_fixture,
+    run_main_for_one_step,
+    tiny_training_parts,
+)
 
 import train
 from trainer_priorrg import ContrastivePretrainingCollator, PriorRGPretrainer, PriorRGTrainer, retrieval_recall
@@ -68,6 +73,7 @@ def stage_two(stage_one, r2gen_fixture, tmp_path_factory):  # noqa: F811
     results = run_priorrg(
         r2gen_fixture, output_dir, "--stage", "finetune", "--model_name_or_path", str(stage_one_dir),
         "--num_train_epochs", "1", "--learning_rate", "1e-3", "--visual_extractor_learning_rate", "0",
+        "--visual_warmup_epochs", "1",  # skipped: the stage-1 image path is not warmed up again
     )  # fmt: skip
     return output_dir, results
 
@@ -83,6 +89,11 @@ def test_stage_two_starts_from_the_stage_one_weights(stage_one, stage_two):
     assert not torch.equal(before[decoder_weight], after[decoder_weight])
     predictions = (output_dir / "test" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 8 and all("generated" in json.loads(line) for line in predictions)
+
+
+def test_stage_two_does_not_warm_up_the_image_path_of_the_stage_one_checkpoint(stage_two):
+    output_dir, _ = stage_two
+    assert not (output_dir / "visual_warmup").exists()
 
 
 def test_the_pipeline_reads_a_study_dict_with_context_and_prior(stage_two, r2gen_fixture):  # noqa: F811
@@ -234,3 +245,71 @@ def test_cdan_report_gives_priorrg_the_manifests_context_and_prior(stage_two, r2
     reporter = pipeline("image-to-text", model=str(output_dir), trust_remote_code=True)
     expected = reporter({"images": views, "indication": "fever", "prior": {"images": views[::-1]}})[0]
     assert row["report"] == expected["generated_text"] and row["indication"] == "fever"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image warm-up (the demo's stand-in for a pre-trained vision encoder)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def warm_up_tiny_priorrg(dataset, processor, output_dir, *extra: str, **config_overrides):
+    from test_priorrg import tiny_priorrg
+    from test_train import warmup_arguments
+
+    from trainer_cdan import warm_up_visual_extractor
+    from trainer_priorrg import PriorRGImageWarmupModel
+
+    model = tiny_priorrg(**config_overrides).train()
+    model_args, data_args, training_args = warmup_arguments(output_dir, "--visual_warmup_epochs", "2", *extra)
+    encoder = model.get_encoder()
+    before = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
+    warmup_model = PriorRGImageWarmupModel(encoder, 14)
+    warm_up_visual_extractor(model, processor, dataset, dataset, model_args, data_args, training_args, warmup_model)
+    return model, before
+
+
+def test_image_warmup_trains_the_image_path_and_not_the_context_encoder(tiny_training_parts, tmp_path):  # noqa: F811
+    dataset, processor = tiny_training_parts
+    model, before = warm_up_tiny_priorrg(dataset, processor, tmp_path)
+    after = model.get_encoder().state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    for trained in ("vision_model.embeddings.patch_embeddings.projection.weight", "vision_projection.0.weight",
+                    "perceiver.latents", "perceiver.layers.0.cross_attn.q_proj.weight",
+                    "layerwise_fusion.projection.0.weight", "joint_projection.0.weight"):  # fmt: skip
+        assert trained in changed, trained
+    assert not [name for name in changed if name.startswith("context_encoder.")]
+    assert not [name for name in changed if name.startswith("temporal_fusion.")]  # no prior in the warm-up
+
+
+def test_image_warmup_leaves_a_frozen_vision_encoder_alone(tiny_training_parts, tmp_path):  # noqa: F811
+    dataset, processor = tiny_training_parts
+    model, before = warm_up_tiny_priorrg(dataset, processor, tmp_path, freeze_vision_model=True)
+    after = model.get_encoder().state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in after if name.startswith("vision_model."))
+    assert not torch.equal(after["perceiver.latents"], before["perceiver.latents"])
+
+
+def test_image_warmup_saves_the_image_path_and_a_resumed_run_reads_it_back(tiny_training_parts, tmp_path):  # noqa: F811
+    from test_priorrg import tiny_priorrg
+
+    dataset, processor = tiny_training_parts
+    warm_up_tiny_priorrg(dataset, processor, tmp_path)
+    saved = load_file(tmp_path / "visual_warmup" / "image_encoder.safetensors")
+    assert "perceiver.latents" in saved and "vision_projection.0.weight" in saved
+    assert not [name for name in saved if name.startswith("context_encoder.")]
+
+    resumed, _ = warm_up_tiny_priorrg(dataset, processor, tmp_path, "--resume_from_checkpoint", "true")
+    fresh = tiny_priorrg().get_encoder().state_dict()
+    for name, tensor in resumed.get_encoder().state_dict().items():
+        expected = fresh[name] if name.startswith("context_encoder.") else saved[name]
+        assert torch.equal(tensor, expected), name
+
+
+def test_image_warmup_weights_of_another_architecture_are_refused():
+    from test_priorrg import tiny_priorrg
+
+    from trainer_priorrg import PriorRGImageWarmupModel
+
+    other = PriorRGImageWarmupModel(tiny_priorrg(perceiver_depth=1).get_encoder(), 14)
+    with pytest.raises(ValueError, match="do not fit this PriorRG encoder"):
+        PriorRGImageWarmupModel(tiny_priorrg().get_encoder(), 14).load_warmed_state_dict(other.warmed_state_dict())
