@@ -33,6 +33,7 @@ References: Chen, Huang & Tan 2025 (CDAN); R2Gen (Chen et al., EMNLP 2020) for t
 """
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -601,12 +602,17 @@ def build_d2r_model(
 def finish_contrastive_pretraining(
     trainer: PriorRGPretrainer, model, processor: CdanProcessor, raw: datasets.DatasetDict, training_args
 ) -> dict[str, Any]:
-    """Stage 1's end: retrieval recall@K on the validation and test splits, and the stage-1 folder for stage 2."""
+    """
+    Stage 1's end: retrieval recall@K on the validation and test splits (printed, and written to
+    `<output_dir>/retrieval_metrics.json`), and the stage-1 folder for stage 2.
+    """
     results = {}
     for split in ("validation", "test"):
         if raw.get(split) is not None and len(raw[split]):
             results[split] = trainer.evaluate(raw[split], metric_key_prefix=split)
     save_checkpoint(model, processor, training_args.output_dir, dataset=None)
+    if training_args.should_save:
+        (Path(training_args.output_dir) / "retrieval_metrics.json").write_text(json.dumps(results, indent=2))
     for split, metrics in results.items():
         recalls = ", ".join(f"{name.split('_', 1)[1]} {value:.3f}" for name, value in metrics.items())
         print(f"Stage 1 retrieval ({split}, {len(raw[split])} studies): {recalls}")

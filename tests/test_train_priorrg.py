@@ -62,6 +62,7 @@ def test_stage_one_reports_retrieval_recall_against_chance(stage_one):
     assert validation["validation_chance@1"] == pytest.approx(1 / 8)
     assert all(0.0 <= value <= 1.0 for value in validation.values())
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "context_tokenizer").is_dir()
+    assert json.loads((output_dir / "retrieval_metrics.json").read_text()) == results
     log = (output_dir / "training_log.csv").read_text()
     assert "loss_contrastive" in log
 
