@@ -283,8 +283,9 @@ class CdanDataCollator:
         include_view_positions (`bool`): add `view_position_ids` from the rows' views (see [`row_view_positions`]).
         include_context (`bool`): add `context_input_ids` / `context_attention_mask` from the rows' `indication` and
             `history` (the processor needs a context tokenizer).
-        include_prior (`bool`): add `prior_pixel_values`, `has_prior` and `prior_view_position_ids` from the rows'
-            prior study (`prior_images`, or MIMIC-CXR's `prior_image_paths`; see [`row_prior_study`]).
+        include_prior (`bool`): add `prior_pixel_values`, `has_prior` and (with `include_view_positions`)
+            `prior_view_position_ids` from the rows' prior study (`prior_images`, or MIMIC-CXR's `prior_image_paths`;
+            see [`row_prior_study`]).
         include_boxes (`bool`): add `lesion_boxes` / `lesion_box_mask` (D2R-Net) from the rows' `boxes` column (per
             view a list of `BOX_FEATURES` dicts in pixels of the stored image; see [`CdanProcessor.__call__`]).
         include_alignment_text (`bool`): add D2R-Net's alignment text inputs (`ALIGNMENT_TEXT_INPUTS`: the cleaned
@@ -336,6 +337,8 @@ class CdanDataCollator:
                     **self.box_inputs(rows),
                 )
             )
+            if not self.include_view_positions:  # CDAN's prior study: its model reads no view positions
+                batch.pop("prior_view_position_ids", None)
         chexpert_labels = [row["chexpert_labels"] for row in rows]
         batch["disease_labels"] = binary_disease_targets(
             chexpert_labels, self.observation_indices, self.uncertain_label_as

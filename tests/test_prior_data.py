@@ -192,12 +192,22 @@ def test_collator_prior_flag_passes_the_demo_priors(demo):
     dataset = demo["train"]
     processor = CdanProcessor.from_reports(dataset["findings"], threshold=1, image_size=IMAGE_SIZE)
     rows = [dataset[index] for index in range(len(dataset))]
-    batch = CdanDataCollator(processor, include_prior=True)(rows)
+    batch = CdanDataCollator(processor, include_prior=True, include_view_positions=True)(rows)
     assert batch["has_prior"].tolist() == [row["prior_labels"] is not None for row in rows]
     assert batch["prior_view_position_ids"][batch["has_prior"]].unique().tolist() == [0, 2]  # PA, LATERAL
     with_prior = [row for row in rows if row["prior_labels"] is not None]
     expected = processor(images=[row["prior_images"] for row in with_prior])["pixel_values"]
     assert torch.equal(batch["prior_pixel_values"][batch["has_prior"]], expected)
+
+
+def test_collator_gives_prior_view_positions_only_to_a_model_that_reads_view_positions(demo):
+    dataset = demo["train"]
+    processor = CdanProcessor.from_reports(dataset["findings"], threshold=1, image_size=IMAGE_SIZE)
+    rows = [dataset[index] for index in range(4)]
+    cdan_batch = CdanDataCollator(processor, include_prior=True)(rows)  # CDAN: generate() refuses unknown inputs
+    assert "prior_pixel_values" in cdan_batch and "prior_view_position_ids" not in cdan_batch
+    priorrg_batch = CdanDataCollator(processor, include_prior=True, include_view_positions=True)(rows)
+    assert "prior_view_position_ids" in priorrg_batch
 
 
 # --------------------------------------------------------------------------------------------------------------------
