@@ -440,6 +440,11 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
             "Lesion boxes follow each view's augmentation, which cached visual features skip: add "
             "--cache_visual_features False (the demo preset caches them)."
         )
+    if model_args.prior_study and model_args.cache_visual_features:
+        raise ValueError(
+            "--prior_study reads the prior's images with the same extractor, which cached visual features skip: add "
+            "--cache_visual_features False (the demo preset caches them)."
+        )
     if training_args.no_repeat_ngram_size is not None and training_args.no_repeat_ngram_size < 0:
         raise ValueError(f"--no_repeat_ngram_size must be 0 (off) or more, got {training_args.no_repeat_ngram_size}.")
     return model_args, data_args, training_args

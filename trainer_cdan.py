@@ -323,7 +323,12 @@ class CdanDataCollator:
                     "include_boxes needs the rows' images (boxes move with each view's resize and augmentation), but "
                     "these rows carry cached `visual_features`; collate boxes without the feature cache."
                 )
-            batch = dict(self.processor(text=texts, return_tensors="pt"))
+            if self.include_prior:
+                raise ValueError(
+                    "include_prior reads the prior study's images with the same extractor, but these rows carry "
+                    "cached `visual_features` of the current study only; collate priors without the feature cache."
+                )
+            batch = dict(self.processor(text=texts, return_tensors="pt", **self.priorrg_inputs(rows)))  # context
             batch["visual_features"] = torch.stack(
                 [torch.as_tensor(np.asarray(row["visual_features"])) for row in rows]
             )

@@ -40,8 +40,8 @@ TRAINING_VARIANTS: dict[str, list[str]] = {
     "weighted BCE L_mlc": [*PAPER, "--mlc_loss", "weighted_bce"],
     "asymmetric L_mlc": [*PAPER, "--mlc_loss", "asymmetric"],
     "prompt + indication": [*PROMPT, *CONTEXT],
-    "prompt + prior": [*PROMPT, "--prior_study", "True"],
-    "prompt + indication + prior": [*PROMPT, *CONTEXT, "--prior_study", "True"],
+    "prompt + prior": [*PROMPT, "--prior_study", "True", "--cache_visual_features", "False"],
+    "prompt + indication + prior": [*PROMPT, *CONTEXT, "--prior_study", "True", "--cache_visual_features", "False"],
     "PriorRG": ["--preset", "priorrg_demo"],
     "prompt, extractor trained": [*PROMPT, "--cache_visual_features", "False"],  # the lesion rows' baseline
     "prompt + lesion branch": [*PROMPT, "--lesion_branch", "True", "--cache_visual_features", "False"],

@@ -210,6 +210,41 @@ def test_collator_gives_prior_view_positions_only_to_a_model_that_reads_view_pos
     assert "prior_view_position_ids" in priorrg_batch
 
 
+def cached_feature_rows(dataset, count: int = 3) -> list[dict]:
+    """Demo rows as the training set holds them with `--cache_visual_features`: features instead of images."""
+    rows = [dataset[index] for index in range(count)]
+    return [{**row, "visual_features": np.zeros((4, 8), dtype=np.float16)} for row in rows]
+
+
+def test_collator_gives_cached_feature_rows_their_clinical_context(demo):
+    from processing_cdan import build_context_tokenizer
+    from trainer_cdan import offline_text_encoder_path
+
+    dataset = demo["train"]
+    tokenizer = build_context_tokenizer(offline_text_encoder_path())
+    processor = CdanProcessor.from_reports(
+        dataset["findings"], threshold=1, image_size=IMAGE_SIZE, context_tokenizer=tokenizer
+    )
+    rows = cached_feature_rows(dataset)
+    batch = CdanDataCollator(processor, include_context=True)(rows)
+    expected = processor(indication=[row["indication"] for row in rows], history=[row["history"] for row in rows])
+    assert torch.equal(batch["context_input_ids"], torch.as_tensor(expected["context_input_ids"]))
+    assert batch["visual_features"].shape == (3, 4, 8)
+
+
+def test_collator_refuses_a_prior_for_cached_feature_rows(demo):
+    processor = CdanProcessor.from_reports(demo["train"]["findings"], threshold=1, image_size=IMAGE_SIZE)
+    with pytest.raises(ValueError, match="collate priors without the feature cache"):
+        CdanDataCollator(processor, include_prior=True)(cached_feature_rows(demo["train"]))
+
+
+def test_training_with_a_prior_refuses_cached_features():
+    import train
+
+    with pytest.raises(ValueError, match="--prior_study reads the prior's images"):
+        train.parse_arguments(["--prior_study", "True", "--cache_visual_features", "True", "--output_dir", "unused"])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # MIMIC-CXR
 # --------------------------------------------------------------------------------------------------------------------
