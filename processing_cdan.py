@@ -104,6 +104,20 @@ def view_position_ids(
     return ids
 
 
+def view_positions_named_from_dicom(studies: list[list[Any]], positions: list[Any]) -> list[Any]:
+    """
+    `positions` (one entry per study: a list of view names, or `None`) with each study given as `None` named from
+    the View Position tags of its DICOM views in `studies` (header only; a view that is not a DICOM file, or has no
+    tag, stays unknown). Studies with names, and studies without a DICOM view, are kept as given.
+    """
+    return [
+        [read_dicom_view_position(view) if is_dicom_path(view) else None for view in views]
+        if names is None and any(is_dicom_path(view) for view in views)
+        else names
+        for views, names in zip(studies, positions)
+    ]
+
+
 def add_context_section_tags(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """
     Add the clinical-context section tags (`CONTEXT_SECTION_TAGS`: `[INDICATION]`, `[HISTORY]`) to a tokenizer as
@@ -421,7 +435,8 @@ class CdanProcessor(ProcessorMixin):
                 `num_views` views, or one image repeated), or `None` / an empty list for a study without one. Needs
                 `images`.
             prior_view_positions (`list`, *optional*):
-                Per study, its prior's view positions, as `view_positions`; `None` for a study without a prior.
+                Per study, its prior's view positions, as `view_positions` (a study given as `None` whose prior
+                views are DICOM files is named from their View Position tags); `None` for a study without a prior.
             max_context_length (`int`, *optional*):
                 Overrides the processor's `max_context_length` for this call.
             boxes (`list`, *optional*):
@@ -531,13 +546,7 @@ class CdanProcessor(ProcessorMixin):
         positions = check_per_study_list("view_positions", view_positions, num_studies)
         if all(names is not None for names in positions):
             return positions
-        studies = self.image_processor.group_into_studies(images)
-        return [
-            [read_dicom_view_position(view) if is_dicom_path(view) else None for view in views]
-            if names is None and any(is_dicom_path(view) for view in views)
-            else names
-            for views, names in zip(studies, positions)
-        ]
+        return view_positions_named_from_dicom(self.image_processor.group_into_studies(images), positions)
 
     def view_position_tensor(self, name: str, view_positions: Any, num_studies: int) -> torch.Tensor:
         """
@@ -641,6 +650,11 @@ class CdanProcessor(ProcessorMixin):
         for study_index in range(num_studies):
             if not has_prior[study_index] and positions[study_index] is not None and len(positions[study_index]):
                 raise ValueError(f"Study {study_index} has prior view positions but no prior images.")
+        prior_views = [
+            (list(prior) if isinstance(prior, (list, tuple)) else [prior]) if present else []
+            for prior, present in zip(priors, has_prior.tolist())
+        ]
+        positions = view_positions_named_from_dicom(prior_views, positions)
         size = self.image_processor.image_size
         prior_pixel_values = torch.zeros(num_studies, self.image_processor.num_views, 3, size, size)
         if has_prior.any():
@@ -745,4 +759,5 @@ __all__ = [
     "add_context_section_tags",
     "build_context_tokenizer",
     "view_position_ids",
+    "view_positions_named_from_dicom",
 ]

@@ -367,3 +367,32 @@ def test_view_positions_come_from_the_dicom_header_when_a_study_gives_none(tmp_p
         [ids["AP"], unknown],
         [ids["PA"], ids["LATERAL"]],  # names given by the caller win over the header
     ]
+
+
+def test_prior_view_positions_come_from_the_dicom_header_when_a_study_gives_none(tmp_path):
+    from image_processing_cdan import CdanImageProcessor
+    from priorrg_modules import DEFAULT_VIEW_POSITIONS
+    from processing_cdan import CdanProcessor
+    from tokenization_cdan import build_report_tokenizer
+
+    frontal = save(build_dataset(ramp(0, 4095), view_position="AP"), tmp_path / "frontal")
+    lateral = save(build_dataset(ramp(0, 4095), view_position="LL"), tmp_path / "lateral")
+    unnamed = save(build_dataset(ramp(0, 4095)), tmp_path / "unnamed")
+    processor = CdanProcessor(
+        image_processor=CdanImageProcessor(image_size=32, num_views=2),
+        tokenizer=build_report_tokenizer(["the heart is normal ."], threshold=1),
+    )
+    current = [frontal, frontal]
+    inputs = processor(
+        images=[current, current, current, current],
+        prior_images=[[lateral, frontal], [frontal, unnamed], [frontal, lateral], None],
+        prior_view_positions=[None, None, ["PA", "LATERAL"], None],
+    )
+    ids = {name: index for index, name in enumerate(DEFAULT_VIEW_POSITIONS)}
+    unknown = len(DEFAULT_VIEW_POSITIONS)
+    assert inputs["prior_view_position_ids"].tolist() == [
+        [ids["LL"], ids["AP"]],  # the prior's own headers, in its own view order
+        [ids["AP"], unknown],
+        [ids["PA"], ids["LATERAL"]],  # names given by the caller win over the header
+        [unknown, unknown],  # no prior
+    ]
