@@ -343,25 +343,36 @@ def test_an_invalid_window_is_a_value_error_naming_the_file(tmp_path):
     assert str(path) in str(raised.value)
 
 
-def test_view_positions_come_from_the_dicom_header_when_a_study_gives_none(tmp_path):
+@pytest.fixture
+def views_processor(tmp_path):
+    """A two-view processor, DICOM views tagged AP and LL and one untagged, and the view ids (unknown last)."""
     from image_processing_cdan import CdanImageProcessor
     from priorrg_modules import DEFAULT_VIEW_POSITIONS
     from processing_cdan import CdanProcessor
     from tokenization_cdan import build_report_tokenizer
 
-    frontal = save(build_dataset(ramp(0, 4095), view_position="AP"), tmp_path / "frontal")
-    lateral = save(build_dataset(ramp(0, 4095), view_position="LL"), tmp_path / "lateral")
-    unnamed = save(build_dataset(ramp(0, 4095)), tmp_path / "unnamed")
+    views = {
+        "frontal": save(build_dataset(ramp(0, 4095), view_position="AP"), tmp_path / "frontal"),
+        "lateral": save(build_dataset(ramp(0, 4095), view_position="LL"), tmp_path / "lateral"),
+        "unnamed": save(build_dataset(ramp(0, 4095)), tmp_path / "unnamed"),
+    }
     processor = CdanProcessor(
         image_processor=CdanImageProcessor(image_size=32, num_views=2),
         tokenizer=build_report_tokenizer(["the heart is normal ."], threshold=1),
     )
+    ids = {name: index for index, name in enumerate(DEFAULT_VIEW_POSITIONS)}
+    ids["unknown"] = len(DEFAULT_VIEW_POSITIONS)
+    return processor, views, ids
+
+
+def test_view_positions_come_from_the_dicom_header_when_a_study_gives_none(views_processor):
+    processor, views, ids = views_processor
+    frontal, lateral, unnamed = views["frontal"], views["lateral"], views["unnamed"]
+    unknown = ids["unknown"]
     inputs = processor(
         images=[[frontal, lateral], [frontal, unnamed], [frontal, lateral]],
         view_positions=[None, None, ["PA", "LATERAL"]],
     )
-    ids = {name: index for index, name in enumerate(DEFAULT_VIEW_POSITIONS)}
-    unknown = len(DEFAULT_VIEW_POSITIONS)
     assert inputs["view_position_ids"].tolist() == [
         [ids["AP"], ids["LL"]],
         [ids["AP"], unknown],
@@ -369,27 +380,16 @@ def test_view_positions_come_from_the_dicom_header_when_a_study_gives_none(tmp_p
     ]
 
 
-def test_prior_view_positions_come_from_the_dicom_header_when_a_study_gives_none(tmp_path):
-    from image_processing_cdan import CdanImageProcessor
-    from priorrg_modules import DEFAULT_VIEW_POSITIONS
-    from processing_cdan import CdanProcessor
-    from tokenization_cdan import build_report_tokenizer
-
-    frontal = save(build_dataset(ramp(0, 4095), view_position="AP"), tmp_path / "frontal")
-    lateral = save(build_dataset(ramp(0, 4095), view_position="LL"), tmp_path / "lateral")
-    unnamed = save(build_dataset(ramp(0, 4095)), tmp_path / "unnamed")
-    processor = CdanProcessor(
-        image_processor=CdanImageProcessor(image_size=32, num_views=2),
-        tokenizer=build_report_tokenizer(["the heart is normal ."], threshold=1),
-    )
+def test_prior_view_positions_come_from_the_dicom_header_when_a_study_gives_none(views_processor):
+    processor, views, ids = views_processor
+    frontal, lateral, unnamed = views["frontal"], views["lateral"], views["unnamed"]
+    unknown = ids["unknown"]
     current = [frontal, frontal]
     inputs = processor(
         images=[current, current, current, current],
         prior_images=[[lateral, frontal], [frontal, unnamed], [frontal, lateral], None],
         prior_view_positions=[None, None, ["PA", "LATERAL"], None],
     )
-    ids = {name: index for index, name in enumerate(DEFAULT_VIEW_POSITIONS)}
-    unknown = len(DEFAULT_VIEW_POSITIONS)
     assert inputs["prior_view_position_ids"].tolist() == [
         [ids["LL"], ids["AP"]],  # the prior's own headers, in its own view order
         [ids["AP"], unknown],
